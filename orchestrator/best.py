@@ -1,0 +1,45 @@
+"""``orchestrate best``: the best configs of a method, read back from MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator import tracking
+from orchestrator.config import ConfigError
+
+
+def best_runs(method: str, metric: str, mode: str, *, task: str | None = None, top: int = 5,
+              tracking_uri: str | None = None, include_killed: bool = False) -> list[Any]:
+    """FINISHED train and trial runs of ``method`` that logged ``metric``, best first."""
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(method)
+    if exp is None:
+        raise ConfigError(f"no MLflow experiment {method!r} in {uri}: nothing has been run with this method")
+    if mode not in ("min", "max"):
+        raise ConfigError(f"--mode {mode!r}: expected min or max")
+    statuses = ("'FINISHED', 'KILLED'" if include_killed else "'FINISHED'")
+    flt = (f"attributes.status IN ({statuses}) and tags.`{tracking.TAG_KIND}` IN ('train', 'trial') "
+           f"and metrics.`{metric}` >= -1e308")
+    if task:
+        flt += f" and tags.`{tracking.TAG_TASK}` = '{task}'"
+    order = f"metrics.`{metric}` {'ASC' if mode == 'min' else 'DESC'}"
+    return list(c.search_runs([exp.experiment_id], filter_string=flt, order_by=[order], max_results=top))
+
+
+def export_config(uri: str, run_id: str, path: str | Path) -> Path:
+    """Write the run's resolved config (its ``config.yaml`` artifact) to ``path``; ``orchestrate
+    train --config`` accepts it back."""
+    import mlflow.artifacts
+
+    run = tracking.client(uri).get_run(run_id)
+    text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
+    data = yaml.safe_load(text)
+    header = (f"# exported by `orchestrate best` from MLflow run {run_id} ({run.info.run_name})\n"
+              f"# use: orchestrate train {data['method']} --config {Path(path).name}\n")
+    path = Path(path)
+    path.write_text(header + text)
+    return path

@@ -1,0 +1,322 @@
+"""Task files, run settings and the resolved configuration of one run.
+
+A task file (``tasks/*.yaml``) names the source model, the few-shot target data, an optional
+reference set for metrics and the resolution. It is parsed with ``yaml.safe_load`` and validated
+with pydantic; every error names the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from trainers.base import MethodConfig
+from trainers.registry import get_method
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the file (or flag), the key and what was expected."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PretrainSpec(_Strict):
+    """How the project's own source model is pretrained when ``source.model`` is ``pretrained``."""
+
+    data: str = Field("synthetic:source", description="source-domain images (any data URI)")
+    count: int = Field(4096, ge=1, description="source images used for pretraining")
+    preset: str = Field("small", description="UNet shape: tiny | small | base")
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    seed: int = 0
+
+
+class SourceSpec(_Strict):
+    family: Literal["ddpm"] = Field("ddpm", description="generator family of the source model")
+    model: str = Field(
+        "pretrained",
+        description="'pretrained' = the project's own source model (trained once from `pretrain` and "
+        "cached), or a diffusers folder, a .pt checkpoint, or a Hub id already on disk",
+    )
+    pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
+
+
+class DataSpec(_Strict):
+    data: str = Field(..., description="synthetic:<domain>, an image folder, a .parquet file, or s3://...")
+    image_column: str = "image"
+    storage_options: dict[str, Any] | None = None
+
+
+class TargetSpec(DataSpec):
+    shots: int = Field(10, ge=1, description="how many target images the method may see")
+    seed: int = Field(0, description="which shots are picked (and how synthetic shots are drawn)")
+
+
+class ReferenceSpec(DataSpec):
+    count: int | None = Field(None, ge=2, description="images of the reference set (all when omitted)")
+    seed: int = Field(1, description="picks the reference images; differs from the shots' by default")
+
+
+class TaskConfig(_Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    resolution: int = Field(32, ge=8, le=1024)
+    source: SourceSpec = Field(default_factory=SourceSpec)
+    target: TargetSpec
+    reference: ReferenceSpec | None = None
+
+    @field_validator("resolution")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two (got {v})")
+        return v
+
+
+class RunSettings(_Strict):
+    """Engineering settings of one run (not the method's science)."""
+
+    steps: int = Field(300, ge=1, description="optimisation steps")
+    report_every: int = Field(50, ge=1, description="steps between reports, metric flushes and checkpoints")
+    sample_every: int = Field(100, ge=1, description="steps between sample grids in MLflow")
+    grid_size: int = Field(16, ge=1, description="images in a sample grid")
+    grid_sample_steps: int = Field(25, ge=1, description="sampling steps for the periodic grids")
+    seed: int = 0
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0, description="only with use_gpu; fractions share a GPU")
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def format_validation_error(where: str, exc: ValidationError, model: type[BaseModel] | None = None,
+                            prefix: str = "") -> str:
+    lines = [f"{where}: invalid configuration"]
+    for err in exc.errors():
+        key = prefix + _format_loc(err["loc"])
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, err["loc"][:-1]) if model else None
+            hint = f"; expected one of: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"  {key}: unknown key{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann] + list(getattr(ann, "__args__", ()))
+        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if sub is None:
+            return None
+        model = sub
+    return sorted(model.model_fields)
+
+
+def _resolve_local(uri: str, base: Path) -> str:
+    """Relative local paths in a task file are relative to the task file's folder."""
+    if ":" in uri.split("/")[0] or Path(uri).is_absolute():  # synthetic:..., s3://..., C:\...
+        return uri
+    return str((base / uri).resolve())
+
+
+DEFAULT_TASK = "synthetic:sketch"
+
+
+def builtin_task(domain: str) -> TaskConfig:
+    """The embedded default tasks: ten shots of a synthetic target domain, the project's own
+    source DDPM pretrained on the synthetic source domain, 1,000 reference images."""
+    from trainers.data import TARGET_DOMAINS
+
+    if domain not in TARGET_DOMAINS:
+        raise ConfigError(f"unknown built-in task synthetic:{domain}; expected one of "
+                          f"{', '.join('synthetic:' + d for d in TARGET_DOMAINS)}")
+    return TaskConfig(name=f"synthetic-{domain}", target=TargetSpec(data=f"synthetic:{domain}"),
+                      reference=ReferenceSpec(data=f"synthetic:{domain}", count=1000))
+
+
+def load_task(path: str | Path) -> TaskConfig:
+    """A task file, or ``synthetic:<domain>`` for a built-in task."""
+    if isinstance(path, str) and path.startswith("synthetic:"):
+        return builtin_task(path.split(":", 1)[1])
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"task file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys (name, resolution, source, target, ...), "
+                          f"got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    try:
+        task = TaskConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(str(path), exc, TaskConfig)) from None
+    base = path.parent.resolve()
+    task.target.data = _resolve_local(task.target.data, base)
+    if task.reference is not None:
+        task.reference.data = _resolve_local(task.reference.data, base)
+    task.source.pretrain.data = _resolve_local(task.source.pretrain.data, base)
+    if task.source.model != "pretrained":
+        local = _resolve_local(task.source.model, base)
+        if Path(local).exists():
+            task.source.model = local
+    return task
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "run.steps=20"]`` -> ``{"lr": 1e-4, "run.steps": 20}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE")
+        key, value = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {pair!r}: value is not valid YAML: {exc}") from exc
+    return out
+
+
+class ResolvedConfig(BaseModel):
+    """Everything that defines one run: it is logged to MLflow as params and as ``config.yaml``,
+    and ``orchestrate train --config`` accepts it back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    task: TaskConfig
+    method_config: dict[str, Any]
+    run: RunSettings = Field(default_factory=RunSettings)
+
+    def method_settings(self) -> MethodConfig:
+        return get_method(self.method).Config.model_validate(self.method_config)
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+    def default_name(self) -> str:
+        return f"{self.method}-{self.task.name}-{self.fingerprint()}"
+
+    def flat_params(self) -> dict[str, str]:
+        return flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
+    return out
+
+
+def apply_overrides(config: ResolvedConfig, overrides: dict[str, Any], where: str = "--set") -> ResolvedConfig:
+    """Apply ``key=value`` overrides. A bare key is looked up in the method's config, then in the
+    run settings; ``method.KEY``, ``run.KEY`` and ``task.a.b`` address a section explicitly."""
+    data = config.model_dump(mode="json")
+    method_fields = set(get_method(config.method).Config.model_fields)
+    run_fields = set(RunSettings.model_fields)
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if parts[0] in ("method", "method_config") and len(parts) == 2:
+            section, name = "method_config", parts[1]
+        elif parts[0] == "run" and len(parts) == 2:
+            section, name = "run", parts[1]
+        elif parts[0] == "task" and len(parts) > 1:
+            node = data["task"]
+            for p in parts[1:-1]:
+                if not isinstance(node.get(p), dict):
+                    raise ConfigError(f"{where} {key}: task has no section {p!r}")
+                node = node[p]
+            node[parts[-1]] = value
+            continue
+        elif len(parts) == 1 and key in method_fields:
+            section, name = "method_config", key
+        elif len(parts) == 1 and key in run_fields:
+            section, name = "run", key
+        else:
+            raise ConfigError(
+                f"{where} {key}: unknown key; expected a {config.method} setting "
+                f"({', '.join(sorted(method_fields))}), a run setting ({', '.join(sorted(run_fields))}), "
+                "or task.<section>.<key>"
+            )
+        valid = method_fields if section == "method_config" else run_fields
+        if name not in valid:
+            raise ConfigError(f"{where} {key}: unknown key {name!r}; expected one of {', '.join(sorted(valid))}")
+        data[section][name] = value
+    return validate_resolved(data, where)
+
+
+def validate_resolved(data: dict[str, Any], where: str) -> ResolvedConfig:
+    try:
+        resolved = ResolvedConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(where, exc, ResolvedConfig)) from None
+    try:  # validate (and fill defaults of) the method's own config
+        resolved.method_config = resolved.method_settings().model_dump(mode="json")
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(where, exc, get_method(resolved.method).Config,
+                                                  prefix="method_config.")) from None
+    return resolved
+
+
+def resolve(method: str, task_file: str | Path | None = None, config_file: str | Path | None = None,
+            overrides: dict[str, Any] | None = None) -> ResolvedConfig:
+    """Build the resolved config of a run from a task file or an exported config file."""
+    try:
+        cls = get_method(method)
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0])) from None
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping with keys method, task, method_config, run")
+        if data.get("method", method) != method:
+            raise ConfigError(f"{path}: method: file is for {data['method']!r}, command asked for {method!r}")
+        data["method"] = method
+        data.setdefault("method_config", {})
+        if task_file is not None:
+            data["task"] = load_task(task_file).model_dump(mode="json")
+        resolved = validate_resolved(data, str(path))
+    else:
+        if task_file is None:
+            raise ConfigError("give --task FILE or --config FILE")
+        task = load_task(task_file)
+        resolved = validate_resolved(
+            {"method": method, "task": task.model_dump(mode="json"),
+             "method_config": cls.Config().model_dump(mode="json"), "run": RunSettings().model_dump()},
+            str(task_file),
+        )
+    return apply_overrides(resolved, overrides or {}) if overrides else resolved

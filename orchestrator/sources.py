@@ -1,0 +1,63 @@
+"""Source models: the project's own pretrained DDPM is trained once per pretrain spec and cached;
+any other source (diffusers folder, .pt, Hub id on disk) is used as given."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from orchestrator.config import PretrainSpec, RunSettings, TaskConfig
+from orchestrator.launch import LaunchResult, run_job
+from orchestrator.storage import data_cache_dir, sources_dir
+
+
+def pretrain_key(spec: PretrainSpec, resolution: int) -> str:
+    blob = json.dumps({"family": "ddpm", "resolution": resolution, **spec.model_dump(mode="json")},
+                      sort_keys=True)
+    return f"ddpm-{resolution}px-{spec.preset}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def cached_source_path(task: TaskConfig) -> Path:
+    return sources_dir() / pretrain_key(task.source.pretrain, task.resolution)
+
+
+def is_ready(folder: Path) -> bool:
+    return (folder / "unet" / "config.json").is_file()
+
+
+def pretrain_source(task: TaskConfig, *, tracking_uri: str | None = None, storage: str | None = None,
+                    force: bool = False, run: RunSettings | None = None) -> tuple[Path, LaunchResult | None]:
+    """Pretrain the task's source DDPM on its source domain unless it is cached already.
+    The pretraining is a Ray Train run recorded in the MLflow experiment ``pretrain-ddpm``."""
+    spec = task.source.pretrain
+    folder = cached_source_path(task)
+    if is_ready(folder) and not force:
+        return folder, None
+    from trainers.diffusion.pretrain import DDPMPretrain
+
+    method_config = DDPMPretrain.Config(preset=spec.preset, lr=spec.lr, batch_size=spec.batch_size)
+    run = run or RunSettings(steps=spec.steps, report_every=max(1, min(250, spec.steps)),
+                             sample_every=max(1, min(500, spec.steps)), seed=spec.seed)
+    name = folder.name
+    job = {
+        "kind": "pretrain", "method": "ddpm_pretrain", "resolution": task.resolution,
+        "method_config": method_config.model_dump(mode="json"), "run": run.model_dump(),
+        "data": {"uri": spec.data, "count": spec.count, "seed": spec.seed},
+        "cache_dir": str(data_cache_dir()), "export_dir": str(folder),
+    }
+    params = {f"pretrain.{k}": str(v) for k, v in spec.model_dump(mode="json").items()}
+    params["resolution"] = str(task.resolution)
+    result = run_job(job, name=name, experiment="pretrain-ddpm", tracking_uri=tracking_uri, storage=storage,
+                     params=params, tags={"orchestrate.kind": "pretrain"}, restart=force)
+    if not is_ready(folder):
+        raise RuntimeError(f"pretraining {name} finished but wrote no model to {folder}")
+    return folder, result
+
+
+def source_for(task: TaskConfig, **kwargs) -> str:
+    """The path (or id) of the task's source model, pretraining it first when needed."""
+    if task.source.model != "pretrained":
+        return task.source.model
+    folder, _ = pretrain_source(task, **kwargs)
+    return str(folder)

@@ -1,0 +1,202 @@
+"""MLflow: the one record of every run.
+
+The driver creates the tracking store, the experiment and the run before any Ray worker starts
+(two processes creating a fresh SQLite store at once race, see STACK.md); workers only log into
+the run id they are given and never end it. The driver ends it FINISHED, FAILED or KILLED.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+TAG_NAME = "orchestrate.name"
+TAG_KIND = "orchestrate.kind"
+TAG_TASK = "orchestrate.task"
+TAG_METHOD = "orchestrate.method"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite file in the working dir.
+    A relative sqlite path is made absolute so that Ray workers (other cwd) find the same file."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+    elif "://" not in uri:  # a plain folder: the file store
+        uri = str(Path(uri).expanduser().resolve())
+    return uri
+
+
+def default_artifact_root(tracking_uri: str) -> str | None:
+    """With a local SQLite store, keep artifacts in ``mlartifacts/`` beside the database (an
+    absolute location, so workers in other folders write to the same place)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def get_or_create_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = artifact_location or default_artifact_root(tracking_uri)
+    if location and location.startswith("file:"):
+        location = location.rstrip("/") + "/" + name
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another driver
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_run(tracking_uri: str, experiment_id: str, name: str, parent_run_id: str | None = None):
+    """The newest run tagged with ``name`` (optionally under a parent), or None."""
+    c = client(tracking_uri)
+    flt = f"tags.`{TAG_NAME}` = '{name}'"
+    if parent_run_id:
+        flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    runs = c.search_runs([experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"],
+                         max_results=1)
+    return runs[0] if runs else None
+
+
+def start_run(tracking_uri: str, experiment_id: str, name: str, tags: dict[str, str] | None = None,
+              parent_run_id: str | None = None) -> str:
+    c = client(tracking_uri)
+    all_tags = {TAG_NAME: name, "mlflow.runName": name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(experiment_id, tags=all_tags, run_name=name)
+    return run.info.run_id
+
+
+def reopen_run(tracking_uri: str, run_id: str) -> None:
+    """Mark a run that is being resumed as RUNNING again (it keeps its metrics and artifacts)."""
+    c = client(tracking_uri)
+    c.update_run(run_id, status="RUNNING")
+    resumed = c.get_run(run_id).data.tags.get("orchestrate.resumed", "0")
+    c.set_tag(run_id, "orchestrate.resumed", str(int(resumed) + 1))
+
+
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    client(tracking_uri).set_terminated(run_id, status=status)
+
+
+def log_params(tracking_uri: str, run_id: str, params: dict[str, str]) -> None:
+    """Params in batches of 100 (MLflow's limit per call); values longer than MLflow allows are
+    cut (the full config is also logged as config.yaml)."""
+    from mlflow.entities import Param
+
+    c = client(tracking_uri)
+    existing = c.get_run(run_id).data.params
+    items = [Param(k, v[:6000]) for k, v in params.items() if k not in existing]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_text(tracking_uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    client(tracking_uri).log_text(run_id, text, artifact_file)
+
+
+class MetricBuffer:
+    """Collects metrics by step and sends them in batches (one call per flush, not per number)."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self._pending: list[Any] = []
+
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._pending.extend(Metric(k, float(v), ts, step) for k, v in metrics.items()
+                             if v is not None and np.isfinite(v))
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        c = client(self.tracking_uri)
+        for i in range(0, len(self._pending), 1000):
+            c.log_batch(self.run_id, metrics=self._pending[i:i + 1000])
+        self._pending = []
+
+
+def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
+    """uint8 [N,H,W,3] or [N,3,H,W] -> one uint8 [rows*H, cols*W, 3] grid with white padding."""
+    if images.ndim != 4:
+        raise ValueError(f"expected a batch of images [N,H,W,3], got shape {images.shape}")
+    if images.shape[1] == 3 and images.shape[-1] != 3:
+        images = images.transpose(0, 2, 3, 1)
+    n, h, w, _ = images.shape
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
+    return grid
+
+
+def png_bytes(grid: np.ndarray, scale: int = 1) -> bytes:
+    from PIL import Image
+
+    img = Image.fromarray(grid)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def log_image_grid(tracking_uri: str, run_id: str, images: np.ndarray, artifact_file: str) -> None:
+    """Log a sample grid as a PNG artifact (upscaled so that tiny models' 32² samples are visible)."""
+    import tempfile
+
+    grid = image_grid(images)
+    scale = max(1, 256 // images.shape[-2] if images.shape[-1] == 3 else 256 // images.shape[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        path.write_bytes(png_bytes(grid, scale=min(scale, 4)))
+        parent = str(Path(artifact_file).parent)
+        client(tracking_uri).log_artifact(run_id, str(path), None if parent == "." else parent)
+
+
+def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
+    client(tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client(tracking_uri).get_metric_history(run_id, key)]
+
+
+def run_summary(run) -> dict[str, Any]:
+    return {"run_id": run.info.run_id, "status": run.info.status, "artifact_uri": run.info.artifact_uri}
+
+
+def ui_hint(tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def iter_chunks(seq: list[Any], size: int) -> Iterable[list[Any]]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]

@@ -1,0 +1,145 @@
+"""The Ray Train worker loop: one generic loop for every method (and for source pretraining).
+
+Each worker builds the method from plain config, draws its batches from the few-shot images kept
+as uint8 on its device, and every ``report_every`` steps reports metrics and a checkpoint to Ray
+Train. Rank 0 also logs to the MLflow run the driver created. When Ray Train restarts the run
+(same name and storage), ``ray.train.get_checkpoint()`` hands back the last checkpoint and the
+loop continues from its step.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from orchestrator import tracking
+
+STATE_FILE = "state.pt"
+
+
+def build_method(job: dict[str, Any], device: torch.device, seed: int):
+    """Build the trainer object of a job: an adaptation method or the source pretrainer."""
+    if job["kind"] == "pretrain":
+        from trainers.diffusion.pretrain import DDPMPretrain
+
+        cfg = DDPMPretrain.Config.model_validate(job["method_config"])
+        return DDPMPretrain(cfg, job["resolution"], device, seed=seed)
+    from trainers.diffusion.backbone import load_source
+    from trainers.registry import get_method
+
+    cls = get_method(job["method"])
+    cfg = cls.Config.model_validate(job["method_config"])
+    source = load_source(job["source"], device)
+    return cls(cfg, source, device, seed=seed)
+
+
+def load_training_images(job: dict[str, Any]) -> np.ndarray:
+    from trainers.data import load_images
+
+    d = job["data"]
+    return load_images(d["uri"], job["resolution"], count=d.get("count"), seed=d.get("seed", 0),
+                       image_column=d.get("image_column", "image"), cache_dir=job.get("cache_dir"),
+                       storage_options=d.get("storage_options"))
+
+
+def _save_checkpoint(method, folder: Path, extra: dict[str, Any]) -> None:
+    torch.save({"method": method.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
+               folder / STATE_FILE)
+
+
+def train_loop(job: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from trainers.data import to_tensor
+    from trainers.diffusion.backbone import random_batch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run = job["run"]
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(run["cpus_per_worker"])))
+    seed = int(run["seed"]) + 1000 * rank
+    torch.manual_seed(seed)
+
+    method = build_method(job, device, seed)
+    images = to_tensor(load_training_images(job)).to(device)
+    if world > 1:
+        method.parallelize(lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
+        method.load_state_dict(state["method"])
+        torch.set_rng_state(state["torch_rng"])
+        start = method.step
+    batch_gen = torch.Generator(device=device).manual_seed(seed + 7 + start)
+
+    log = rank == 0 and job.get("run_id") is not None
+    uri, run_id = job.get("tracking_uri"), job.get("run_id")
+    buffer = tracking.MetricBuffer(uri, run_id) if log else None
+
+    def grid(step: int, sampling_steps: int, name: str) -> None:
+        samples = method.sample(run["grid_size"], steps=sampling_steps, seed=run["seed"])
+        tracking.log_image_grid(uri, run_id, samples.numpy(), f"samples/{name}.png")
+
+    if log and start == 0:
+        tracking.log_params(uri, run_id, {"trainable_parameters": str(method.trainable_parameters()),
+                                          "world_size": str(world), "device": str(device)})
+        grid(0, run["grid_sample_steps"], "step_000000")
+
+    steps, every = run["steps"], run["report_every"]
+    window: dict[str, list[float]] = {}
+    t0, done_in_window = time.perf_counter(), 0
+    for step in range(start, steps):
+        batch = random_batch(images, method.config.batch_size, batch_gen, hflip=method.config.hflip)
+        metrics = method.train_step(batch)
+        for k, v in metrics.items():
+            window.setdefault(k, []).append(v)
+        done_in_window += 1
+        if not all(np.isfinite(v) for v in metrics.values()):
+            raise FloatingPointError(f"non-finite training metrics at step {step + 1}: {metrics}")
+        if buffer is not None:
+            buffer.add(metrics, step + 1)
+        last = step + 1 == steps
+        if log and ((step + 1) % run["sample_every"] == 0 or last):
+            grid(step + 1, run["grid_sample_steps"], f"step_{step + 1:06d}")
+        if (step + 1) % every == 0 or last:
+            elapsed = time.perf_counter() - t0
+            report = {k: float(np.mean(v)) for k, v in window.items()}
+            report.update(step=step + 1, steps_per_s=done_in_window / max(elapsed, 1e-9),
+                          images_per_s=done_in_window * method.config.batch_size * world / max(elapsed, 1e-9))
+            if buffer is not None:
+                buffer.add({"steps_per_s": report["steps_per_s"], "images_per_s": report["images_per_s"]},
+                           step + 1)
+                buffer.flush()
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = None
+                if rank == 0:
+                    _save_checkpoint(method, Path(tmp), {"step": step + 1})
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(report, checkpoint=ckpt)
+            window, t0, done_in_window = {}, time.perf_counter(), 0
+
+    if rank == 0:
+        finish(job, method, log)
+
+
+def finish(job: dict[str, Any], method, log: bool) -> None:
+    """Rank 0, after the last step: export the generator, the final grid, the model artifact."""
+    uri, run_id = job.get("tracking_uri"), job.get("run_id")
+    export_to = job.get("export_dir")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = method.export(Path(export_to) if export_to else Path(tmp) / "model")
+        if log:
+            samples = method.sample(job["run"]["grid_size"], seed=job["run"]["seed"])
+            tracking.log_image_grid(uri, run_id, samples.numpy(), "samples/final.png")
+            tracking.log_artifacts(uri, run_id, folder, "model")

@@ -1,0 +1,99 @@
+"""Shared test fixtures.
+
+``s3_server`` runs a real S3 protocol server (moto's standalone server) on loopback for the whole
+test session, and ``s3_bucket`` gives each test a fresh, empty bucket on it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+# variables that would point the AWS clients somewhere else while the fixture is active
+_S3_ENV_CLEARED = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited early with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:  # any HTTP answer means the server is up
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"moto_server did not answer at {url} within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 (a subprocess) for the whole session.
+
+    While it runs, ``AWS_ENDPOINT_URL`` points at it and the credentials are ``testing``; the
+    previous environment is restored and the server terminated at the end, even when tests fail.
+    Yields ``{"endpoint_url", "access_key", "secret_key", "region"}``.
+    """
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in (*_S3_ENV, *_S3_ENV_CLEARED, "AWS_ENDPOINT_URL")}
+    try:
+        _wait_until_up(endpoint + "/", proc)
+        for key in _S3_ENV_CLEARED:
+            os.environ.pop(key, None)
+        os.environ.update(_S3_ENV)
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+        yield {"endpoint_url": endpoint, "access_key": "testing", "secret_key": "testing",
+               "region": "us-east-1"}
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the session's S3 server (created with s3fs); yields its name."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", skip_instance_cache=True,
+                           client_kwargs={"endpoint_url": s3_server["endpoint_url"]})
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(name)
+    yield name
+    try:
+        fs.rm(name, recursive=True)
+    except Exception:  # best effort: the server goes away at the end of the session anyway
+        pass

@@ -1,0 +1,147 @@
+"""End to end: `orchestrate train` under a real local Ray, recorded in MLflow on SQLite."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from orchestrator import tracking
+from orchestrator.cli import app
+from tests.tiny import TINY_RUN, write_tiny_task
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCHESTRATE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def cli(*args: str):
+    res = CliRunner().invoke(app, list(args))
+    if res.exception and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res
+
+
+def tiny_args(task: Path, *extra: str) -> list[str]:
+    out = ["--task", str(task), "--tracking-uri", "sqlite:///mlflow.db", "--storage", "runs"]
+    for s in TINY_RUN:
+        out += ["--set", s]
+    return out + list(extra)
+
+
+def only_run(uri: str, experiment: str):
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id])
+    return c, runs
+
+
+def test_train_cli_records_run_and_second_invocation_is_a_no_op(ray_local, workspace):
+    task = write_tiny_task(workspace)
+    res = cli("train", "ddpm_finetune", *tiny_args(task, "--name", "first"))
+    assert res.exit_code == 0, res.output
+    assert "done" in res.output and "mlflow ui" in res.output
+
+    uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
+    c, runs = only_run(uri, "ddpm_finetune")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["method"] == "ddpm_finetune" and p["method_config.lr"] == "0.0001" and p["run.steps"] == "20"
+    assert p["task.target.data"] == "synthetic:sketch"
+    history = tracking.metric_history(uri, run.info.run_id, "loss")
+    assert [s for s, _ in history] == list(range(1, 21))  # every step, logged in batches
+    arts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "samples", "model"} <= arts
+    samples = {a.path for a in c.list_artifacts(run.info.run_id, "samples")}
+    assert {"samples/step_000000.png", "samples/step_000010.png", "samples/final.png"} <= samples
+    model = {a.path for a in c.list_artifacts(run.info.run_id, "model/unet")}
+    assert "model/unet/config.json" in model
+    assert (workspace / "runs" / "first").is_dir()
+    # the pretraining of the tiny source is its own recorded run, cached for the next runs
+    _, pre = only_run(uri, "pretrain-ddpm")
+    assert len(pre) == 1 and pre[0].info.status == "FINISHED"
+
+    again = cli("train", "ddpm_finetune", *tiny_args(task, "--name", "first"))
+    assert again.exit_code == 0 and "already FINISHED" in again.output
+    assert len(only_run(uri, "ddpm_finetune")[1]) == 1
+    assert len(only_run(uri, "pretrain-ddpm")[1]) == 1
+
+
+def test_killed_run_resumes_from_its_checkpoint(ray_local, workspace):
+    task = write_tiny_task(workspace)
+    args = tiny_args(task, "--name", "killme", "--set", "run.steps=400", "--set", "run.report_every=5",
+                     "--set", "run.sample_every=1000")
+    env = {**os.environ, "RAY_ADDRESS": ray_local, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", "ddpm_finetune", *args],
+                            cwd=workspace, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run_dir = workspace / "runs" / "killme"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and not any(run_dir.glob("checkpoint_*")):
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.5)
+        assert any(run_dir.glob("checkpoint_*")), "no checkpoint within 300 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
+    _, runs = only_run(uri, "ddpm_finetune")
+    assert runs[0].info.status == "RUNNING"  # the driver died without a word
+    killed_at = max(s for s, _ in tracking.metric_history(uri, runs[0].info.run_id, "loss"))
+    assert killed_at < 400
+
+    res = cli("train", "ddpm_finetune", *args)  # the same command again
+    assert res.exit_code == 0, res.output
+    assert "resumed" in res.output
+    c, runs = only_run(uri, "ddpm_finetune")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["orchestrate.resumed"] == "1"
+    steps = [s for s, _ in tracking.metric_history(uri, runs[0].info.run_id, "loss")]
+    # resumed after the last checkpoint, not from scratch: step 1 was logged once only
+    assert steps.count(1) == 1 and max(steps) == 400
+
+
+def test_exception_inside_training_marks_the_run_failed(ray_local, workspace):
+    from orchestrator.config import resolve
+    from orchestrator.launch import run_job
+    from orchestrator.train import adaptation_job
+
+    task = write_tiny_task(workspace)
+    cfg = resolve("ddpm_finetune", task, overrides={"run.steps": 5})
+    job = adaptation_job(cfg, source=str(workspace / "no-such-source"))  # fails inside the worker
+    with pytest.raises(Exception):
+        run_job(job, name="boom", experiment="ddpm_finetune", tracking_uri="sqlite:///mlflow.db",
+                storage="runs")
+    uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
+    _, runs = only_run(uri, "ddpm_finetune")
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_bad_data_fails_before_ray_with_a_clear_message(ray_local, workspace):
+    (workspace / "shots").mkdir()
+    (workspace / "shots" / "broken.png").write_bytes(b"not a png")
+    task = write_tiny_task(workspace, target={"data": "shots", "shots": 1})
+    res = cli("train", "ddpm_finetune", *tiny_args(task))
+    assert res.exit_code == 1
+    assert "broken.png" in res.output
