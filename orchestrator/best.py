@@ -12,8 +12,8 @@ from orchestrator.config import ConfigError
 
 
 def best_runs(method: str, metric: str, mode: str, *, task: str | None = None, top: int = 5,
-              tracking_uri: str | None = None, include_killed: bool = False) -> list[Any]:
-    """FINISHED train and trial runs of ``method`` that logged ``metric``, best first."""
+              tracking_uri: str | None = None) -> list[Any]:
+    """FINISHED train runs and sweep trials of ``method`` that logged ``metric``, best first."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
     c = tracking.client(uri)
     exp = c.get_experiment_by_name(method)
@@ -21,13 +21,20 @@ def best_runs(method: str, metric: str, mode: str, *, task: str | None = None, t
         raise ConfigError(f"no MLflow experiment {method!r} in {uri}: nothing has been run with this method")
     if mode not in ("min", "max"):
         raise ConfigError(f"--mode {mode!r}: expected min or max")
-    statuses = ("'FINISHED', 'KILLED'" if include_killed else "'FINISHED'")
-    flt = (f"attributes.status IN ({statuses}) and tags.`{tracking.TAG_KIND}` IN ('train', 'trial') "
-           f"and metrics.`{metric}` >= -1e308")
+    flt = f"attributes.status = 'FINISHED' and metrics.`{metric}` >= -1e308"
     if task:
         flt += f" and tags.`{tracking.TAG_TASK}` = '{task}'"
     order = f"metrics.`{metric}` {'ASC' if mode == 'min' else 'DESC'}"
-    return list(c.search_runs([exp.experiment_id], filter_string=flt, order_by=[order], max_results=top))
+    out: list[Any] = []
+    token = None
+    while len(out) < top:  # sweep parents carry best_* metrics, not the metric itself; skip others
+        page = c.search_runs([exp.experiment_id], filter_string=flt, order_by=[order],
+                             max_results=max(50, top), page_token=token)
+        out += [r for r in page if r.data.tags.get(tracking.TAG_KIND) in ("train", "trial")]
+        token = page.token
+        if not token:
+            break
+    return out[:top]
 
 
 def export_config(uri: str, run_id: str, path: str | Path) -> Path:

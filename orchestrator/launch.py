@@ -48,7 +48,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
     return True
 
 

@@ -86,7 +86,7 @@ class SweepResult:
     pareto: list[dict[str, Any]] | None = None
 
 
-def _trial_status_callback(tracking_uri: str, experiment_id: str, parent_run_id: str):
+def _trial_status_callback(tracking_uri: str, experiment_id: str, parent_run_id: str, steps: int):
     """A Tune callback (built lazily so importing this module does not import Ray)."""
     from ray.tune import Callback
 
@@ -97,7 +97,10 @@ def _trial_status_callback(tracking_uri: str, experiment_id: str, parent_run_id:
                 tracking.end_run(tracking_uri, run.info.run_id, status)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._close(trial, "KILLED")  # a trial that finished by itself is FINISHED already
+            # A trial whose last report is its final step has finished all its work (the worker
+            # exports and logs before that report) even if the scheduler stopped it right then.
+            done = (trial.last_result or {}).get("step") == steps
+            self._close(trial, "FINISHED" if done else "KILLED")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._close(trial, "FAILED")
@@ -142,11 +145,9 @@ def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:
             name=trial_id, storage_path=static["trials_storage"], callbacks=[TuneReportCallback()],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
     )
-    try:
-        trainer.fit()
-    except BaseException:
-        tracking.end_run(uri, run_id, "FAILED")
-        raise
+    # Only a normal end is recorded here: when Tune stops or loses a trial, this function is
+    # interrupted in ways that look like errors, so the sweep driver's callback records those.
+    trainer.fit()
     tracking.end_run(uri, run_id, "FINISHED")
 
 
@@ -231,7 +232,7 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
     }
     # The trial driver holds 1% of a CPU: the rest is for its Train workers (STACK.md).
     trainable = tune.with_resources(functools.partial(trial_driver, static=static), {"CPU": 0.01})
-    callbacks = [_trial_status_callback(uri, exp_id, parent_id)]
+    callbacks = [_trial_status_callback(uri, exp_id, parent_id, base.run.steps)]
     try:
         if resume:
             tuner = tune.Tuner.restore(sweep_path, trainable=trainable, resume_unfinished=True,
@@ -248,10 +249,10 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
             )
         grid = tuner.fit()
     except KeyboardInterrupt:
-        tracking.end_run(uri, parent_id, "KILLED")
+        _end_open_runs(uri, exp_id, parent_id, "KILLED")
         raise
     except BaseException:
-        tracking.end_run(uri, parent_id, "FAILED")
+        _end_open_runs(uri, exp_id, parent_id, "FAILED")
         raise
     trials = _collect_trials(grid, base, settings)
     best = _best(trials, settings) if not settings.multi_objective else None
@@ -259,6 +260,15 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
     _record_parent(uri, parent_id, trials, best, pareto, settings)
     tracking.end_run(uri, parent_id, "FINISHED")
     return SweepResult(name, parent_id, exp_id, uri, sweep_path, trials, best, pareto)
+
+
+def _end_open_runs(uri: str, exp_id: str, parent_id: str, status: str) -> None:
+    """The sweep driver itself failed: close its parent run and every child still RUNNING."""
+    c = tracking.client(uri)
+    for run in c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
+                                                     "and attributes.status = 'RUNNING'"):
+        tracking.end_run(uri, run.info.run_id, status)
+    tracking.end_run(uri, parent_id, status)
 
 
 def _download_text(uri: str, run_id: str, artifact: str) -> str:

@@ -121,6 +121,9 @@ def train_loop(job: dict[str, Any]) -> None:
                 buffer.add({"steps_per_s": report["steps_per_s"], "images_per_s": report["images_per_s"]},
                            step + 1)
                 buffer.flush()
+            if last and rank == 0:
+                # Before the final report: a scheduler may stop the trial as soon as it sees it.
+                finish(job, method, log)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
@@ -128,9 +131,6 @@ def train_loop(job: dict[str, Any]) -> None:
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(report, checkpoint=ckpt)
             window, t0, done_in_window = {}, time.perf_counter(), 0
-
-    if rank == 0:
-        finish(job, method, log)
 
 
 def finish(job: dict[str, Any], method, log: bool) -> None:

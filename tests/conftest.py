@@ -97,3 +97,28 @@ def s3_bucket(s3_server):
         fs.rm(name, recursive=True)
     except Exception:  # best effort: the server goes away at the end of the session anyway
         pass
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs, as on this machine) for all end-to-end tests; yields its
+    GCS address so that subprocesses can join it. Shut down at the end of the session."""
+    import ray
+
+    import orchestrator.launch  # noqa: F401  (sets Ray env defaults before the raylet starts)
+
+    ray.init(num_cpus=2, logging_level="WARNING")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A fresh working directory with its own caches, MLflow store and run storage."""
+    monkeypatch.setenv("ORCHESTRATE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -8,50 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from orchestrator import tracking
-from orchestrator.cli import app
-from tests.tiny import TINY_RUN, write_tiny_task
+from tests.tiny import cli, experiment_runs, tiny_args, write_tiny_task
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    monkeypatch.setenv("ORCHESTRATE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def cli(*args: str):
-    res = CliRunner().invoke(app, list(args))
-    if res.exception and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return res
-
-
-def tiny_args(task: Path, *extra: str) -> list[str]:
-    out = ["--task", str(task), "--tracking-uri", "sqlite:///mlflow.db", "--storage", "runs"]
-    for s in TINY_RUN:
-        out += ["--set", s]
-    return out + list(extra)
-
-
-def only_run(uri: str, experiment: str):
-    c = tracking.client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    runs = c.search_runs([exp.experiment_id])
-    return c, runs
 
 
 def test_train_cli_records_run_and_second_invocation_is_a_no_op(ray_local, workspace):
@@ -61,7 +21,7 @@ def test_train_cli_records_run_and_second_invocation_is_a_no_op(ray_local, works
     assert "done" in res.output and "mlflow ui" in res.output
 
     uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
-    c, runs = only_run(uri, "ddpm_finetune")
+    c, runs = experiment_runs(uri, "ddpm_finetune")
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
@@ -78,13 +38,13 @@ def test_train_cli_records_run_and_second_invocation_is_a_no_op(ray_local, works
     assert "model/unet/config.json" in model
     assert (workspace / "runs" / "first").is_dir()
     # the pretraining of the tiny source is its own recorded run, cached for the next runs
-    _, pre = only_run(uri, "pretrain-ddpm")
+    _, pre = experiment_runs(uri, "pretrain-ddpm")
     assert len(pre) == 1 and pre[0].info.status == "FINISHED"
 
     again = cli("train", "ddpm_finetune", *tiny_args(task, "--name", "first"))
     assert again.exit_code == 0 and "already FINISHED" in again.output
-    assert len(only_run(uri, "ddpm_finetune")[1]) == 1
-    assert len(only_run(uri, "pretrain-ddpm")[1]) == 1
+    assert len(experiment_runs(uri, "ddpm_finetune")[1]) == 1
+    assert len(experiment_runs(uri, "pretrain-ddpm")[1]) == 1
 
 
 def test_killed_run_resumes_from_its_checkpoint(ray_local, workspace):
@@ -106,7 +66,7 @@ def test_killed_run_resumes_from_its_checkpoint(ray_local, workspace):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
-    _, runs = only_run(uri, "ddpm_finetune")
+    _, runs = experiment_runs(uri, "ddpm_finetune")
     assert runs[0].info.status == "RUNNING"  # the driver died without a word
     killed_at = max(s for s, _ in tracking.metric_history(uri, runs[0].info.run_id, "loss"))
     assert killed_at < 400
@@ -114,7 +74,7 @@ def test_killed_run_resumes_from_its_checkpoint(ray_local, workspace):
     res = cli("train", "ddpm_finetune", *args)  # the same command again
     assert res.exit_code == 0, res.output
     assert "resumed" in res.output
-    c, runs = only_run(uri, "ddpm_finetune")
+    c, runs = experiment_runs(uri, "ddpm_finetune")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["orchestrate.resumed"] == "1"
     steps = [s for s, _ in tracking.metric_history(uri, runs[0].info.run_id, "loss")]
@@ -134,7 +94,7 @@ def test_exception_inside_training_marks_the_run_failed(ray_local, workspace):
         run_job(job, name="boom", experiment="ddpm_finetune", tracking_uri="sqlite:///mlflow.db",
                 storage="runs")
     uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
-    _, runs = only_run(uri, "ddpm_finetune")
+    _, runs = experiment_runs(uri, "ddpm_finetune")
     assert [r.info.status for r in runs] == ["FAILED"]
 
 

@@ -3,6 +3,10 @@
 from pathlib import Path
 
 import yaml
+from typer.testing import CliRunner
+
+from orchestrator import tracking
+from orchestrator.cli import app
 
 TINY_TASK = {
     "name": "tiny-sketch",
@@ -22,3 +26,24 @@ def write_tiny_task(folder: Path, **changes) -> Path:
     path = folder / f"{task['name']}.yaml"
     path.write_text(yaml.safe_dump(task))
     return path
+
+
+def cli(*args: str):
+    res = CliRunner().invoke(app, list(args))
+    if res.exception and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res
+
+
+def tiny_args(task: Path, *extra: str) -> list[str]:
+    out = ["--task", str(task), "--tracking-uri", "sqlite:///mlflow.db", "--storage", "runs"]
+    for s in TINY_RUN:
+        out += ["--set", s]
+    return out + list(extra)
+
+
+def experiment_runs(uri: str, experiment: str):
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id])
+    return c, runs

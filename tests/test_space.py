@@ -1,0 +1,78 @@
+"""Search spaces: the method's default, overridden by a YAML file; invalid spaces name the key."""
+
+import pytest
+import yaml
+
+from orchestrator.config import ConfigError, resolve
+from orchestrator.space import build_space, to_tune
+from orchestrator.sweep import SweepSettings, pareto_front
+
+
+@pytest.fixture
+def base():
+    return resolve("ddpm_finetune", "synthetic:sketch")
+
+
+def space_file(tmp_path, data):
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_default_space_is_declared_by_the_method(base):
+    space = build_space(base)
+    assert space["lr"] == {"loguniform": [2e-5, 1e-3]}
+    tune_space = to_tune(space)
+    assert set(tune_space) == set(space)
+
+
+def test_file_overrides_extends_and_removes(base, tmp_path):
+    p = space_file(tmp_path, {"lr": {"uniform": [1e-4, 2e-4]}, "run.steps": 50, "t_max": {"int": [200, 1000, 100]},
+                              "weight_decay": None})
+    space = build_space(base, p)
+    assert space["lr"] == {"uniform": [1e-4, 2e-4]}
+    assert space["run.steps"] == 50 and "weight_decay" not in space
+    t = to_tune(space)
+    assert t["run.steps"] == 50
+    assert t["t_max"].lower == 200 and t["t_max"].upper == 1000 and t["t_max"].sampler.q == 100  # upper bound inclusive
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"learning_rate": {"uniform": [0, 1]}}, "learning_rate: unknown key"),
+    ({"lr": {"gaussian": [0, 1]}}, "lr: expected one of"),
+    ({"lr": {"uniform": [1, 0]}}, "lr: uniform needs low < high"),
+    ({"lr": {"loguniform": [0, 1]}}, "lr: loguniform needs low > 0"),
+    ({"lr": {"uniform": [-1, 1]}}, "lr: value -1.0 is not valid"),
+    ({"ema_decay": {"choice": []}}, "ema_decay: choice needs a non-empty list"),
+    ({"t_min": {"int": [0.5, 3]}}, "t_min: int needs integer bounds"),
+    ({"precision": {"choice": ["fp8"]}}, "precision: value 'fp8' is not valid"),
+])
+def test_invalid_spaces_name_the_file_and_key(base, tmp_path, entry, message):
+    p = space_file(tmp_path, entry)
+    with pytest.raises(ConfigError) as e:
+        build_space(base, p)
+    assert message in str(e.value) and str(p) in str(e.value)
+
+
+def test_missing_space_file(base, tmp_path):
+    with pytest.raises(ConfigError, match="space file .* does not exist"):
+        build_space(base, tmp_path / "none.yaml")
+
+
+def test_settings_validation():
+    with pytest.raises(ConfigError, match="one mode per metric"):
+        SweepSettings(metrics=["a", "b"], modes=["min"]).validate()
+    with pytest.raises(ConfigError, match="--mode 'up'"):
+        SweepSettings(metrics=["a"], modes=["up"]).validate()
+
+
+def test_pareto_front_by_hand():
+    trials = [
+        {"trial_id": "a", "status": "FINISHED", "q": 1.0, "d": 0.1},   # best q
+        {"trial_id": "b", "status": "FINISHED", "q": 2.0, "d": 0.5},   # best d
+        {"trial_id": "c", "status": "FINISHED", "q": 2.5, "d": 0.4},   # dominated by b
+        {"trial_id": "d", "status": "FINISHED", "q": 1.5, "d": 0.3},   # trade-off
+        {"trial_id": "e", "status": "KILLED", "q": 0.1, "d": 0.9},     # stopped early: not eligible
+    ]
+    front = pareto_front(trials, ["q", "d"], ["min", "max"])
+    assert sorted(t["trial_id"] for t in front) == ["a", "b", "d"]

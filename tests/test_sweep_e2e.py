@@ -1,0 +1,151 @@
+"""End to end: `orchestrate sweep` (Tune + Optuna + ASHA, each trial a Ray Train run), its MLflow
+record, `orchestrate best --export` into `orchestrate train --config`, and resume after a kill."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from orchestrator import tracking
+from tests.tiny import TINY_RUN, cli, write_tiny_task
+
+pytestmark = pytest.mark.slow
+
+URI_ARGS = ["--tracking-uri", "sqlite:///mlflow.db", "--storage", "runs"]
+
+
+def sweep_args(task, space, *extra):
+    out = ["sweep", "ddpm_finetune", "--task", str(task), "--space", str(space), *URI_ARGS]
+    for s in TINY_RUN:
+        out += ["--set", s]
+    return out + list(extra)
+
+
+def write_space(folder, data):
+    p = folder / "space.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def children(uri, parent_id):
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name("ddpm_finetune")
+    return c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def parent_run(uri, name):
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name("ddpm_finetune")
+    return tracking.find_run(uri, exp.experiment_id, name)
+
+
+def test_sweep_asha_failed_trial_best_and_export(ray_local, workspace):
+    task = write_tiny_task(workspace)
+    # Small learning rates barely move the loss: ASHA should stop such trials at a rung. t_max
+    # 5000 passes config validation but makes the method raise in the worker: a FAILED trial.
+    space = write_space(workspace, {"lr": {"loguniform": [1e-7, 3e-3]},
+                                    "t_max": {"choice": [1000, 1000, 1000, 5000]},
+                                    "ema_decay": None, "weight_decay": None})
+    res = cli(*sweep_args(task, space, "--num-samples", "7", "--max-concurrent", "2", "--metric", "loss",
+                          "--mode", "min", "--grace-period", "5", "--name", "s1", "--seed", "1",
+                          "--set", "run.report_every=5"))
+    assert res.exit_code == 0, res.output
+    assert "best" in res.output and "s1" in res.output
+
+    uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
+    parent = parent_run(uri, "s1")
+    assert parent.info.status == "FINISHED" and parent.data.tags[tracking.TAG_KIND] == "sweep"
+    kids = children(uri, parent.info.run_id)
+    assert len(kids) == 7
+    by_trial = {k.data.tags["orchestrate.trial_id"]: k for k in kids}
+    table = {row.split(",")[0]: row.split(",") for row in
+             tracking.client(uri).download_artifacts(parent.info.run_id, "results.csv") and
+             open(tracking.client(uri).download_artifacts(parent.info.run_id, "results.csv")).read().splitlines()[1:]}
+    assert set(table) == set(by_trial)
+    for trial_id, row in table.items():
+        assert by_trial[trial_id].info.status == row[1], (trial_id, row)  # MLflow status = Tune's outcome
+    statuses = [r[1] for r in table.values()]
+    assert "FAILED" in statuses, statuses  # the t_max=5000 trial raised, the sweep went on
+    assert "KILLED" in statuses, statuses  # ASHA stopped a weak trial
+    best_trial = parent.data.tags["orchestrate.best_trial"]
+    for trial_id, row in table.items():
+        if row[1] == "KILLED":  # stopped at a rung, and weaker there than the winner at the end
+            assert int(row[2]) < 20 and float(row[3]) > float(table[best_trial][3])
+    assert by_trial[best_trial].info.status == "FINISHED"
+    assert "best_loss" in parent.data.metrics
+    arts = {a.path for a in tracking.client(uri).list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "metric_across_trials.png", "sweep.json", "best_config.json"} <= arts
+
+    out = cli("best", "ddpm_finetune", "--metric", "loss", "--mode", "min", "--tracking-uri",
+              "sqlite:///mlflow.db", "--top", "3", "--export", "best.yaml")
+    assert out.exit_code == 0, out.output
+    assert best_trial in out.output
+    exported = yaml.safe_load((workspace / "best.yaml").read_text())
+    best_lr = float(by_trial[best_trial].data.params["method_config.lr"])
+    assert exported["method_config"]["lr"] == pytest.approx(best_lr)
+    again = cli("train", "ddpm_finetune", "--config", "best.yaml", "--name", "from-best", *URI_ARGS)
+    assert again.exit_code == 0, again.output
+    c = tracking.client(uri)
+    trained = tracking.find_run(uri, c.get_experiment_by_name("ddpm_finetune").experiment_id, "from-best")
+    assert trained.info.status == "FINISHED"
+    assert float(trained.data.params["method_config.lr"]) == pytest.approx(best_lr)
+
+
+def test_multi_objective_sweep_reports_a_pareto_front(ray_local, workspace):
+    task = write_tiny_task(workspace)
+    space = write_space(workspace, {"lr": {"loguniform": [1e-5, 3e-3]}, "ema_decay": None, "weight_decay": None})
+    res = cli(*sweep_args(task, space, "--num-samples", "4", "--metric", "loss", "--mode", "min",
+                          "--metric", "grad_norm", "--mode", "min", "--name", "mo"))
+    assert res.exit_code == 0, res.output
+    assert "Pareto front" in res.output
+    uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
+    parent = parent_run(uri, "mo")
+    front = yaml.safe_load(open(tracking.client(uri).download_artifacts(parent.info.run_id, "pareto_front.json")))
+    assert 1 <= len(front) <= 4
+    assert all(k.info.status == "FINISHED" for k in children(uri, parent.info.run_id))
+
+
+def test_killed_sweep_resumes_with_every_trial_once(ray_local, workspace):
+    task = write_tiny_task(workspace)
+    space = write_space(workspace, {"lr": {"loguniform": [1e-4, 3e-3]}, "ema_decay": None, "weight_decay": None})
+    args = sweep_args(task, space, "--num-samples", "5", "--max-concurrent", "2", "--metric", "loss",
+                      "--scheduler", "fifo", "--name", "killed", "--set", "run.steps=60", "--set", "run.report_every=5")
+    env = {**os.environ, "RAY_ADDRESS": ray_local, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=workspace, env=env,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
+            parent = parent_run(uri, "killed") if (workspace / "mlflow.db").exists() else None
+            if parent and any(k.info.status == "FINISHED" for k in children(uri, parent.info.run_id)):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("no trial finished within 400 s")
+        time.sleep(3)  # let a second wave of trials start, then kill the driver mid-way
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {k.data.tags["orchestrate.trial_id"]: k.info.status for k in children(uri, parent.info.run_id)}
+    assert 1 <= len(before) < 5 or "RUNNING" in before.values()
+
+    res = cli("sweep", "ddpm_finetune", "--resume", "killed", *URI_ARGS)
+    assert res.exit_code == 0, res.output
+    parent = parent_run(uri, "killed")
+    assert parent.info.status == "FINISHED"
+    kids = children(uri, parent.info.run_id)
+    ids = [k.data.tags["orchestrate.trial_id"] for k in kids]
+    assert len(ids) == 5 and len(set(ids)) == 5  # every trial exactly once in MLflow
+    assert all(k.info.status == "FINISHED" for k in kids)
+    for trial_id, status in before.items():  # finished trials were not run again
+        if status == "FINISHED":
+            k = next(k for k in kids if k.data.tags["orchestrate.trial_id"] == trial_id)
+            assert "orchestrate.resumed" not in k.data.tags
+    rows = open(tracking.client(uri).download_artifacts(parent.info.run_id, "results.csv")).read().splitlines()[1:]
+    assert sorted(r.split(",")[0] for r in rows) == sorted(ids)  # and exactly once in Tune's results
