@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainers.base import MethodConfig
 from trainers.registry import get_method
@@ -37,6 +37,7 @@ class PretrainSpec(_Strict):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-4, gt=0)
     seed: int = 0
+    encoder_steps: int = Field(300, ge=1, description="SimCLR steps of the domain encoder (metrics)")
 
 
 class SourceSpec(_Strict):
@@ -94,6 +95,30 @@ class RunSettings(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0, description="only with use_gpu; fractions share a GPU")
     keep_checkpoints: int = Field(2, ge=1)
+    metrics: list[str] = Field(["domain"], description="feature networks for the metrics: domain "
+                               "(the project's own encoder), inception, lpips_vgg, lpips_alex")
+    eval_every: int | None = Field(None, ge=0, description="steps between evaluations (a multiple of "
+                                   "report_every; default report_every; 0 = only at the end)")
+    eval_samples: int = Field(64, ge=2, description="samples per periodic evaluation")
+    eval_sample_steps: int = Field(10, ge=1, description="sampling steps in periodic evaluations")
+    final_eval_samples: int = Field(256, ge=2, description="samples of the final evaluation")
+    final_eval_sample_steps: int | None = Field(None, ge=1, description="default: the method's own")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: list[str]) -> list[str]:
+        known = ("domain", "inception", "lpips_vgg", "lpips_alex")
+        bad = [m for m in v if m not in known]
+        if bad:
+            raise ValueError(f"unknown feature network(s) {bad}; expected some of {list(known)}")
+        return v
+
+    @model_validator(mode="after")
+    def _eval_on_reports(self) -> "RunSettings":
+        if self.eval_every and self.eval_every % self.report_every:
+            raise ValueError(f"eval_every ({self.eval_every}) must be a multiple of report_every "
+                             f"({self.report_every}): metrics are evaluated when they are reported")
+        return self
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:

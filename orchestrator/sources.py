@@ -55,6 +55,39 @@ def pretrain_source(task: TaskConfig, *, tracking_uri: str | None = None, storag
     return folder, result
 
 
+def encoder_path(task: TaskConfig) -> Path:
+    spec = task.source.pretrain
+    blob = json.dumps({"data": spec.data, "count": spec.count, "seed": spec.seed, "steps": spec.encoder_steps,
+                       "resolution": task.resolution}, sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:10]
+    return sources_dir() / f"encoder-{task.resolution}px-{key}" / "domain_encoder.pt"
+
+
+def domain_encoder_for(task: TaskConfig) -> Path:
+    """The domain encoder of the task's source domain: trained once, self-supervised (SimCLR), on
+    the source-domain images of ``source.pretrain.data`` and cached beside the source models.
+    Metrics named ``*_domain`` are computed in its feature space."""
+    path = encoder_path(task)
+    if path.is_file():
+        return path
+    import torch
+
+    from trainers.data import load_images
+    from trainers.metrics import train_domain_encoder
+
+    spec = task.source.pretrain
+    images = load_images(spec.data, task.resolution, count=min(spec.count, 2048), seed=spec.seed,
+                         cache_dir=data_cache_dir())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = train_domain_encoder(images, steps=spec.encoder_steps, batch_size=128, device=device,
+                                   seed=spec.seed, resolution=task.resolution)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    encoder.save(tmp)
+    tmp.replace(path)
+    return path
+
+
 def source_for(task: TaskConfig, **kwargs) -> str:
     """The path (or id) of the task's source model, pretraining it first when needed."""
     if task.source.model != "pretrained":

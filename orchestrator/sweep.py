@@ -26,7 +26,7 @@ from orchestrator import tracking
 from orchestrator.config import ConfigError, ResolvedConfig, apply_overrides
 from orchestrator.sources import source_for
 from orchestrator.storage import storage_uri
-from orchestrator.train import adaptation_job, check_data
+from orchestrator.train import adaptation_job, check_inputs
 
 TAG_SWEEP = "orchestrate.sweep"
 TAG_TRIAL = "orchestrate.trial_id"
@@ -132,7 +132,8 @@ def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:
             "orchestrate.source": static["source"]})
         tracking.log_params(uri, run_id, cfg.flat_params())
         tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
-    job = {**adaptation_job(cfg, static["source"]), "run_id": run_id, "tracking_uri": uri}
+    job = {**adaptation_job(cfg, static["source"], static["domain_encoder"]), "run_id": run_id,
+           "tracking_uri": uri}
     resources = {"CPU": static["cpus_per_worker"]}
     if static["gpus_per_worker"]:
         resources["GPU"] = static["gpus_per_worker"]
@@ -206,10 +207,9 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
         settings = SweepSettings(**state["settings"])
         parent_id = parent.info.run_id
         tracking.reopen_run(uri, parent_id)
-    else:
-        if parent is not None:
-            raise ConfigError(f"--name {name}: a sweep of that name exists; use --resume {name} or another name")
-        check_data(base)
+    elif parent is not None:
+        raise ConfigError(f"--name {name}: a sweep of that name exists; use --resume {name} or another name")
+    encoder = check_inputs(base)
     source = source_for(base.task, tracking_uri=uri, storage=storage)
     if not resume:
         parent_id = tracking.start_run(uri, exp_id, name, tags={
@@ -225,7 +225,7 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
 
     on_gpu = settings.gpus_per_trial > 0
     static = {
-        "base": base.model_dump(mode="json"), "source": source, "tracking_uri": uri, "experiment_id": exp_id,
+        "base": base.model_dump(mode="json"), "source": source, "domain_encoder": encoder, "tracking_uri": uri, "experiment_id": exp_id,
         "parent_run_id": parent_id, "sweep_name": name, "trials_storage": f"{sweep_path}/trials",
         "cpus_per_worker": settings.cpus_per_trial if settings.cpus_per_trial is not None else (1.0 if on_gpu else 0.99),
         "gpus_per_worker": settings.gpus_per_trial,

@@ -47,6 +47,46 @@ def load_training_images(job: dict[str, Any]) -> np.ndarray:
                        storage_options=d.get("storage_options"))
 
 
+class Evaluator:
+    """Rank 0's periodic and final evaluation: samples from the method, metrics against the task's
+    reference set (or the shots), each metric named by its feature network (trainers.metrics)."""
+
+    def __init__(self, job: dict[str, Any], shots: torch.Tensor, device: torch.device):
+        from trainers.data import load_images, to_tensor
+        from trainers.metrics import ReferenceStats, available_extractors
+
+        run = job["run"]
+        self.run = run
+        self.extractors = available_extractors(run["metrics"], job.get("domain_encoder"), device)
+        ref = job.get("reference")
+        if ref is not None:
+            self.reference = to_tensor(load_images(
+                ref["uri"], job["resolution"], count=ref.get("count"), seed=ref.get("seed", 1),
+                image_column=ref.get("image_column", "image"), cache_dir=job.get("cache_dir"),
+                storage_options=ref.get("storage_options")))
+        else:
+            self.reference = shots.cpu()
+        self.shots = shots.cpu()
+        self.cache = ReferenceStats()
+        self.every = run["eval_every"] if run["eval_every"] is not None else run["report_every"]
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or bool(self.every and step % self.every == 0)
+
+    def __call__(self, method, last: bool) -> dict[str, float]:
+        from trainers.metrics import evaluate
+
+        run = self.run
+        n = run["final_eval_samples"] if last else run["eval_samples"]
+        steps = run["final_eval_sample_steps"] if last else run["eval_sample_steps"]
+        t0 = time.perf_counter()
+        samples = method.sample(n, steps=steps, seed=run["seed"] + 12345)
+        metrics = evaluate(samples, self.reference, self.shots, self.extractors, seed=run["seed"],
+                           kid_subset_size=min(1000, n, len(self.reference)), cache=self.cache)
+        metrics["eval_seconds"] = time.perf_counter() - t0
+        return metrics
+
+
 def _save_checkpoint(method, folder: Path, extra: dict[str, Any]) -> None:
     torch.save({"method": method.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
                folder / STATE_FILE)
@@ -96,12 +136,16 @@ def train_loop(job: dict[str, Any]) -> None:
                                           "world_size": str(world), "device": str(device)})
         grid(0, run["grid_sample_steps"], "step_000000")
 
+    evaluator = Evaluator(job, images, device) if rank == 0 and job.get("kind") == "adapt" else None
+    last_eval: dict[str, float] = {}
     steps, every = run["steps"], run["report_every"]
     window: dict[str, list[float]] = {}
-    t0, done_in_window = time.perf_counter(), 0
+    train_seconds, done_in_window = 0.0, 0
     for step in range(start, steps):
+        t0 = time.perf_counter()
         batch = random_batch(images, method.config.batch_size, batch_gen, hflip=method.config.hflip)
         metrics = method.train_step(batch)
+        train_seconds += time.perf_counter() - t0
         for k, v in metrics.items():
             window.setdefault(k, []).append(v)
         done_in_window += 1
@@ -113,10 +157,15 @@ def train_loop(job: dict[str, Any]) -> None:
         if log and ((step + 1) % run["sample_every"] == 0 or last):
             grid(step + 1, run["grid_sample_steps"], f"step_{step + 1:06d}")
         if (step + 1) % every == 0 or last:
-            elapsed = time.perf_counter() - t0
+            # throughput of the optimisation steps alone (grids and evaluations excluded)
             report = {k: float(np.mean(v)) for k, v in window.items()}
-            report.update(step=step + 1, steps_per_s=done_in_window / max(elapsed, 1e-9),
-                          images_per_s=done_in_window * method.config.batch_size * world / max(elapsed, 1e-9))
+            report.update(step=step + 1, steps_per_s=done_in_window / max(train_seconds, 1e-9),
+                          images_per_s=done_in_window * method.config.batch_size * world / max(train_seconds, 1e-9))
+            if evaluator is not None and evaluator.due(step + 1, last):
+                last_eval = evaluator(method, last)
+                if buffer is not None:
+                    buffer.add(last_eval, step + 1)
+            report.update(last_eval)  # between evaluations, the last values (schedulers need them)
             if buffer is not None:
                 buffer.add({"steps_per_s": report["steps_per_s"], "images_per_s": report["images_per_s"]},
                            step + 1)
@@ -130,7 +179,7 @@ def train_loop(job: dict[str, Any]) -> None:
                     _save_checkpoint(method, Path(tmp), {"step": step + 1})
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(report, checkpoint=ckpt)
-            window, t0, done_in_window = {}, time.perf_counter(), 0
+            window, train_seconds, done_in_window = {}, 0.0, 0
 
 
 def finish(job: dict[str, Any], method, log: bool) -> None:

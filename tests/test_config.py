@@ -107,3 +107,11 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     p.write_text(cfg.to_yaml())
     again = resolve("ddpm_finetune", config_file=p)
     assert again == cfg and again.default_name() == cfg.default_name()
+
+
+def test_run_settings_validate_metrics_and_eval_cadence():
+    cfg = resolve("ddpm_finetune", "synthetic:sketch")
+    with pytest.raises(ConfigError, match=r"run.metrics: .*unknown feature network"):
+        apply_overrides(cfg, {"run.metrics": ["clip"]})
+    with pytest.raises(ConfigError, match="eval_every .* must be a multiple of report_every"):
+        apply_overrides(cfg, {"run.report_every": 50, "run.eval_every": 75})

@@ -30,6 +30,11 @@ def test_train_cli_records_run_and_second_invocation_is_a_no_op(ray_local, works
     assert p["task.target.data"] == "synthetic:sketch"
     history = tracking.metric_history(uri, run.info.run_id, "loss")
     assert [s for s, _ in history] == list(range(1, 21))  # every step, logged in batches
+    # periodic and final evaluation, each metric named by its feature network
+    assert [s for s, _ in tracking.metric_history(uri, run.info.run_id, "fid_domain")] == [10, 20]
+    m = run.data.metrics
+    assert m["fid_domain"] >= 0 and m["kid_domain"] == m["kid_domain"] and 0 <= m["intra_dist_domain"] <= 2
+    assert m["num_samples"] == 12 and m["num_reference"] == 32
     arts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "samples", "model"} <= arts
     samples = {a.path for a in c.list_artifacts(run.info.run_id, "samples")}

@@ -12,13 +12,14 @@ TINY_TASK = {
     "name": "tiny-sketch",
     "resolution": 16,
     "source": {"pretrain": {"data": "synthetic:source", "count": 64, "preset": "tiny", "steps": 20,
-                            "batch_size": 8}},
+                            "batch_size": 8, "encoder_steps": 20}},
     "target": {"data": "synthetic:sketch", "shots": 4, "seed": 0},
     "reference": {"data": "synthetic:sketch", "count": 32},
 }
 
 TINY_RUN = ["run.steps=20", "run.report_every=10", "run.sample_every=10", "run.grid_size=4",
-            "run.grid_sample_steps=2", "batch_size=4", "sample_steps=3"]
+            "run.grid_sample_steps=2", "batch_size=4", "sample_steps=3", "run.eval_samples=8",
+            "run.eval_sample_steps=2", "run.final_eval_samples=12", "run.final_eval_sample_steps=2"]
 
 
 def write_tiny_task(folder: Path, **changes) -> Path:

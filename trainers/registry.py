@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from trainers.base import AdaptationMethod
 from trainers.diffusion.ddpm_finetune import DDPMFinetune
+from trainers.diffusion.ddpm_pa import DDPMPA
 
 METHODS: dict[str, type[AdaptationMethod]] = {
     cls.key: cls
     for cls in (
         DDPMFinetune,
+        DDPMPA,
     )
 }
 
