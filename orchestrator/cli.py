@@ -146,7 +146,7 @@ def sweep(
                                        tracking_uri=tracking_uri, storage=storage))
     finally:
         _shutdown(started)
-    _print_sweep(res, settings, method)
+    _print_sweep(res, res.settings, method)  # on --resume, the sweep's own stored settings
 
 
 def _print_sweep(res, settings, method: str) -> None:

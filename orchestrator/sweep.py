@@ -83,6 +83,7 @@ class SweepResult:
     path: str
     trials: list[dict[str, Any]]
     best: dict[str, Any] | None
+    settings: SweepSettings
     pareto: list[dict[str, Any]] | None = None
 
 
@@ -259,7 +260,7 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
     pareto = pareto_front(trials, settings.metrics, settings.modes) if settings.multi_objective else None
     _record_parent(uri, parent_id, trials, best, pareto, settings)
     tracking.end_run(uri, parent_id, "FINISHED")
-    return SweepResult(name, parent_id, exp_id, uri, sweep_path, trials, best, pareto)
+    return SweepResult(name, parent_id, exp_id, uri, sweep_path, trials, best, settings, pareto)
 
 
 def _end_open_runs(uri: str, exp_id: str, parent_id: str, status: str) -> None:

@@ -115,3 +115,9 @@ def test_run_settings_validate_metrics_and_eval_cadence():
         apply_overrides(cfg, {"run.metrics": ["clip"]})
     with pytest.raises(ConfigError, match="eval_every .* must be a multiple of report_every"):
         apply_overrides(cfg, {"run.report_every": 50, "run.eval_every": 75})
+
+
+def test_shipped_sketch_task_is_the_builtin_default():
+    from orchestrator.config import builtin_task
+
+    assert load_task(REPO / "tasks" / "synthetic-sketch.yaml") == builtin_task("sketch")

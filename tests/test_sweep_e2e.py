@@ -123,7 +123,9 @@ def test_killed_sweep_resumes_with_every_trial_once(ray_local, workspace):
     try:
         while time.time() < deadline:
             assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
-            parent = parent_run(uri, "killed") if (workspace / "mlflow.db").exists() else None
+            # Tune's folder appears after the driver created the MLflow store (reading a SQLite
+            # store while another process creates it races, STACK.md)
+            parent = parent_run(uri, "killed") if (workspace / "runs" / "killed").exists() else None
             if parent and any(k.info.status == "FINISHED" for k in children(uri, parent.info.run_id)):
                 break
             time.sleep(1)
