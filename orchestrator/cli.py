@@ -214,7 +214,7 @@ def best(
 
 @app.command()
 def pretrain(
-    family: str = typer.Argument("ddpm", help="generator family: ddpm"),
+    family: str = typer.Argument("ddpm", help="generator family: ddpm or stylegan2"),
     task: str = typer.Option(DEFAULT_TASK, "--task", "-t", help=TASK_HELP),
     force: bool = typer.Option(False, help="pretrain again even if a cached model exists"),
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
@@ -226,14 +226,18 @@ def pretrain(
     from orchestrator.launch import init_ray
     from orchestrator.sources import cached_source_path, is_ready, pretrain_source
 
-    if family != "ddpm":
-        _fail(f"unknown generator family {family!r}; expected: ddpm")
+    if family not in ("ddpm", "stylegan2"):
+        _fail(f"unknown generator family {family!r}; expected ddpm or stylegan2")
     try:
-        t = load_task(task)
+        t = load_task(task, family=family)
     except ConfigError as exc:
         _fail(str(exc))
+    if t.source.family != family:
+        _fail(f"{task}: source.family is {t.source.family!r}, not {family!r}")
+    if t.source.model != "pretrained":
+        _fail(f"{task}: source.model is {t.source.model!r}, not 'pretrained': nothing to pretrain")
     folder = cached_source_path(t)
-    if is_ready(folder) and not force:
+    if is_ready(t, folder) and not force:
         console.print(f"Source model already cached: [bold]{folder}[/] (use --force to retrain)")
         return
     started = init_ray(address)

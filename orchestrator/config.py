@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainers.base import MethodConfig
-from trainers.registry import get_method
+from trainers.registry import SOURCE_FAMILIES, check_family, get_method
 
 
 class ConfigError(ValueError):
@@ -32,17 +32,17 @@ class PretrainSpec(_Strict):
 
     data: str = Field("synthetic:source", description="source-domain images (any data URI)")
     count: int = Field(4096, ge=1, description="source images used for pretraining")
-    preset: str = Field("small", description="UNet shape: tiny | small | base")
+    preset: str = Field("small", description="network shape: tiny | small | base")
     # Sized for the embedded default: about 6 minutes on 2 CPU cores at 32² (small preset).
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(16, ge=1)
-    lr: float = Field(3e-4, gt=0)
+    lr: float | None = Field(3e-4, gt=0, description="null: the pretrainer's own default")
     seed: int = 0
     encoder_steps: int = Field(300, ge=1, description="SimCLR steps of the domain encoder (metrics)")
 
 
 class SourceSpec(_Strict):
-    family: Literal["ddpm"] = Field("ddpm", description="generator family of the source model")
+    family: Literal["ddpm", "stylegan2"] = Field("ddpm", description="generator family of the source model")
     model: str = Field(
         "pretrained",
         description="'pretrained' = the project's own source model (trained once from `pretrain` and "
@@ -166,22 +166,30 @@ def _resolve_local(uri: str, base: Path) -> str:
 DEFAULT_TASK = "synthetic:sketch"
 
 
-def builtin_task(domain: str) -> TaskConfig:
+# The project's own StyleGAN2 source on the synthetic domain (tiny shape, ~4 minutes on 2 CPUs).
+GAN_PRETRAIN = PretrainSpec(preset="tiny", steps=3000, batch_size=16, lr=None)
+
+
+def builtin_task(domain: str, family: str = "ddpm") -> TaskConfig:
     """The embedded default tasks: ten shots of a synthetic target domain, the project's own
-    source DDPM pretrained on the synthetic source domain, 1,000 reference images."""
+    source model (a DDPM or a StyleGAN2) pretrained on the synthetic source domain, 1,000
+    reference images."""
     from trainers.data import TARGET_DOMAINS
 
     if domain not in TARGET_DOMAINS:
         raise ConfigError(f"unknown built-in task synthetic:{domain}; expected one of "
                           f"{', '.join('synthetic:' + d for d in TARGET_DOMAINS)}")
-    return TaskConfig(name=f"synthetic-{domain}", target=TargetSpec(data=f"synthetic:{domain}"),
+    source = SourceSpec(family=family, pretrain=GAN_PRETRAIN if family == "stylegan2" else PretrainSpec())
+    suffix = "" if family == "ddpm" else f"-{family}"
+    return TaskConfig(name=f"synthetic-{domain}{suffix}", source=source,
+                      target=TargetSpec(data=f"synthetic:{domain}"),
                       reference=ReferenceSpec(data=f"synthetic:{domain}", count=1000))
 
 
-def load_task(path: str | Path) -> TaskConfig:
-    """A task file, or ``synthetic:<domain>`` for a built-in task."""
+def load_task(path: str | Path, family: str = "ddpm") -> TaskConfig:
+    """A task file, or ``synthetic:<domain>`` for a built-in task (its source of ``family``)."""
     if isinstance(path, str) and path.startswith("synthetic:"):
-        return builtin_task(path.split(":", 1)[1])
+        return builtin_task(path.split(":", 1)[1], family)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"task file {path} does not exist")
@@ -334,15 +342,26 @@ def resolve(method: str, task_file: str | Path | None = None, config_file: str |
         data["method"] = method
         data.setdefault("method_config", {})
         if task_file is not None:
-            data["task"] = load_task(task_file).model_dump(mode="json")
+            data["task"] = load_task(task_file, family=_family_of(method)).model_dump(mode="json")
         resolved = validate_resolved(data, str(path))
     else:
         if task_file is None:
             raise ConfigError("give --task FILE or --config FILE")
-        task = load_task(task_file)
+        task = load_task(task_file, family=_family_of(method))
         resolved = validate_resolved(
             {"method": method, "task": task.model_dump(mode="json"),
              "method_config": cls.Config().model_dump(mode="json"), "run": RunSettings().model_dump()},
             str(task_file),
         )
-    return apply_overrides(resolved, overrides or {}) if overrides else resolved
+    resolved = apply_overrides(resolved, overrides or {}) if overrides else resolved
+    try:
+        check_family(method, resolved.task.source.family)
+    except ValueError as exc:
+        raise ConfigError(f"{task_file or config_file}: source.family: {exc}") from None
+    return resolved
+
+
+def _family_of(method: str) -> str:
+    """The source family a method adapts (for the built-in synthetic tasks)."""
+    fam = get_method(method).family
+    return next(f for f, m in SOURCE_FAMILIES.items() if m == fam)

@@ -10,47 +10,51 @@ from pathlib import Path
 from orchestrator.config import PretrainSpec, RunSettings, TaskConfig
 from orchestrator.launch import LaunchResult, run_job
 from orchestrator.storage import data_cache_dir, sources_dir
+from trainers.registry import pretrainer, source_ready
 
 
-def pretrain_key(spec: PretrainSpec, resolution: int) -> str:
-    blob = json.dumps({"family": "ddpm", "resolution": resolution, **spec.model_dump(mode="json")},
+def pretrain_key(task: TaskConfig) -> str:
+    spec, family = task.source.pretrain, task.source.family
+    blob = json.dumps({"family": family, "resolution": task.resolution, **spec.model_dump(mode="json")},
                       sort_keys=True)
-    return f"ddpm-{resolution}px-{spec.preset}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    return f"{family}-{task.resolution}px-{spec.preset}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
 def cached_source_path(task: TaskConfig) -> Path:
-    return sources_dir() / pretrain_key(task.source.pretrain, task.resolution)
+    return sources_dir() / pretrain_key(task)
 
 
-def is_ready(folder: Path) -> bool:
-    return (folder / "unet" / "config.json").is_file()
+def is_ready(task: TaskConfig, folder: Path) -> bool:
+    return source_ready(task.source.family, folder)
 
 
 def pretrain_source(task: TaskConfig, *, tracking_uri: str | None = None, storage: str | None = None,
                     force: bool = False, run: RunSettings | None = None) -> tuple[Path, LaunchResult | None]:
-    """Pretrain the task's source DDPM on its source domain unless it is cached already.
-    The pretraining is a Ray Train run recorded in the MLflow experiment ``pretrain-ddpm``."""
-    spec = task.source.pretrain
+    """Pretrain the task's source model (DDPM or StyleGAN2) on its source domain unless it is
+    cached already. The pretraining is a Ray Train run recorded in the MLflow experiment
+    ``pretrain-<family>``."""
+    spec, family = task.source.pretrain, task.source.family
     folder = cached_source_path(task)
-    if is_ready(folder) and not force:
+    if is_ready(task, folder) and not force:
         return folder, None
-    from trainers.diffusion.pretrain import DDPMPretrain
-
-    method_config = DDPMPretrain.Config(preset=spec.preset, lr=spec.lr, batch_size=spec.batch_size)
+    settings = {"preset": spec.preset, "batch_size": spec.batch_size}
+    if spec.lr is not None:
+        settings["lr"] = spec.lr
+    method_config = pretrainer(family).Config(**settings)
     run = run or RunSettings(steps=spec.steps, report_every=max(1, min(250, spec.steps)),
                              sample_every=max(1, min(500, spec.steps)), seed=spec.seed)
     name = folder.name
     job = {
-        "kind": "pretrain", "method": "ddpm_pretrain", "resolution": task.resolution,
+        "kind": "pretrain", "family": family, "method": pretrainer(family).key, "resolution": task.resolution,
         "method_config": method_config.model_dump(mode="json"), "run": run.model_dump(),
         "data": {"uri": spec.data, "count": spec.count, "seed": spec.seed},
         "cache_dir": str(data_cache_dir()), "export_dir": str(folder),
     }
     params = {f"pretrain.{k}": str(v) for k, v in spec.model_dump(mode="json").items()}
-    params["resolution"] = str(task.resolution)
-    result = run_job(job, name=name, experiment="pretrain-ddpm", tracking_uri=tracking_uri, storage=storage,
+    params.update(resolution=str(task.resolution), family=family)
+    result = run_job(job, name=name, experiment=f"pretrain-{family}", tracking_uri=tracking_uri, storage=storage,
                      params=params, tags={"orchestrate.kind": "pretrain"}, restart=force)
-    if not is_ready(folder):
+    if not is_ready(task, folder):
         raise RuntimeError(f"pretraining {name} finished but wrote no model to {folder}")
     return folder, result
 

@@ -155,7 +155,6 @@ def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:
 
 def _searcher(settings: SweepSettings):
     import optuna
-    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     if settings.multi_objective:
@@ -164,8 +163,7 @@ def _searcher(settings: SweepSettings):
     else:
         sampler = optuna.samplers.TPESampler(seed=settings.seed)
         metric, mode = settings.metrics[0], settings.modes[0]
-    search = OptunaSearch(metric=metric, mode=mode, sampler=sampler)
-    return ConcurrencyLimiter(search, max_concurrent=settings.max_concurrent)
+    return OptunaSearch(metric=metric, mode=mode, sampler=sampler)
 
 
 def _scheduler(settings: SweepSettings, steps: int):
@@ -226,7 +224,8 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
 
     on_gpu = settings.gpus_per_trial > 0
     static = {
-        "base": base.model_dump(mode="json"), "source": source, "domain_encoder": encoder, "tracking_uri": uri, "experiment_id": exp_id,
+        "base": base.model_dump(mode="json"), "source": source, "domain_encoder": encoder, "tracking_uri": uri,
+        "experiment_id": exp_id,
         "parent_run_id": parent_id, "sweep_name": name, "trials_storage": f"{sweep_path}/trials",
         "cpus_per_worker": settings.cpus_per_trial if settings.cpus_per_trial is not None else (1.0 if on_gpu else 0.99),
         "gpus_per_worker": settings.gpus_per_trial,
@@ -241,9 +240,11 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
         else:
             tuner = tune.Tuner(
                 trainable, param_space=to_tune(space),
-                tune_config=tune.TuneConfig(search_alg=_searcher(settings),
-                                            scheduler=_scheduler(settings, base.run.steps),
-                                            num_samples=settings.num_samples, reuse_actors=False),
+                tune_config=tune.TuneConfig(
+                    # a space of constants only (e.g. repeated runs) needs no Optuna
+                    search_alg=_searcher(settings) if any(isinstance(v, dict) for v in space.values()) else None,
+                    scheduler=_scheduler(settings, base.run.steps), num_samples=settings.num_samples,
+                    max_concurrent_trials=settings.max_concurrent, reuse_actors=False),
                 run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
                                           verbose=verbose,
                                           failure_config=tune.FailureConfig(max_failures=0)),

@@ -18,7 +18,8 @@ def adaptation_job(config: ResolvedConfig, source: str, domain_encoder: str | No
     """The plain-dict job a Ray Train worker runs (picklable, no pydantic objects)."""
     t, ref, run = config.task.target, config.task.reference, config.run
     return {
-        "kind": "adapt", "method": config.method, "source": source, "resolution": config.task.resolution,
+        "kind": "adapt", "method": config.method, "family": config.task.source.family, "source": source,
+        "resolution": config.task.resolution,
         "method_config": config.method_config, "run": run.model_dump(),
         "data": _data(t, t.shots, t.seed),
         # the task's reference set; without one, metrics compare against the shots themselves

@@ -23,19 +23,15 @@ STATE_FILE = "state.pt"
 
 
 def build_method(job: dict[str, Any], device: torch.device, seed: int):
-    """Build the trainer object of a job: an adaptation method or the source pretrainer."""
+    """Build the trainer object of a job: an adaptation method or a source pretrainer."""
+    from trainers.registry import get_method, load_source_model, pretrainer
+
     if job["kind"] == "pretrain":
-        from trainers.diffusion.pretrain import DDPMPretrain
-
-        cfg = DDPMPretrain.Config.model_validate(job["method_config"])
-        return DDPMPretrain(cfg, job["resolution"], device, seed=seed)
-    from trainers.diffusion.backbone import load_source
-    from trainers.registry import get_method
-
+        cls = pretrainer(job["family"])
+        return cls(cls.Config.model_validate(job["method_config"]), job["resolution"], device, seed=seed)
     cls = get_method(job["method"])
     cfg = cls.Config.model_validate(job["method_config"])
-    source = load_source(job["source"], device)
-    return cls(cfg, source, device, seed=seed)
+    return cls(cfg, load_source_model(job["family"], job["source"], device), device, seed=seed)
 
 
 def load_training_images(job: dict[str, Any]) -> np.ndarray:

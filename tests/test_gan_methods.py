@@ -219,4 +219,4 @@ def test_pretrain_runs_and_its_export_loads(tmp_path):
     assert src.arch == preset_arch("tiny", 16) and src.origin == str(folder)
     assert torch.equal(GANFinetune(GANFinetuneConfig(), src, "cpu").sample(2, seed=0), m.sample(2, seed=0))
     with pytest.raises(ValueError, match="unknown StyleGAN2 preset"):
-        GANPretrain(GANPretrainConfig(preset="huge"), 16, "cpu")
+        GANPretrainConfig(preset="huge")

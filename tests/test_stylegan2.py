@@ -221,7 +221,8 @@ def test_source_errors_name_the_file(tmp_path):
     with pytest.raises(SourceModelError, match="no stylegan2.pt"):
         load_gan_source(str(tmp_path / "empty"))
     arch = preset_arch("tiny", 16)
-    torch.save({"g_ema": build_generator(arch).state_dict(), "d": build_discriminator(preset_arch("tiny", 32)).state_dict(),
-                "arch": arch}, tmp_path / "mismatch.pt")
+    d32 = build_discriminator(preset_arch("tiny", 32))
+    torch.save({"g_ema": build_generator(arch).state_dict(), "d": d32.state_dict(), "arch": arch},
+               tmp_path / "mismatch.pt")
     with pytest.raises(SourceModelError, match="mismatch.pt: 'd' does not fit"):
         load_gan_source(str(tmp_path / "mismatch.pt"))

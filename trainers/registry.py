@@ -5,12 +5,16 @@ from __future__ import annotations
 from trainers.base import AdaptationMethod
 from trainers.diffusion.ddpm_finetune import DDPMFinetune
 from trainers.diffusion.ddpm_pa import DDPMPA
+from trainers.gan.dcl import DCL
+from trainers.gan.gan_finetune import GANFinetune
 
 METHODS: dict[str, type[AdaptationMethod]] = {
     cls.key: cls
     for cls in (
         DDPMFinetune,
         DDPMPA,
+        GANFinetune,
+        DCL,
     )
 }
 
@@ -20,3 +24,46 @@ def get_method(key: str) -> type[AdaptationMethod]:
         return METHODS[key]
     except KeyError:
         raise KeyError(f"unknown method {key!r}; available: {', '.join(sorted(METHODS))}") from None
+
+
+# Source generators: the task file's `source.family` -> the method family that adapts it, how a
+# source loads, what pretrains one from scratch, and how to tell that a cached one is complete.
+SOURCE_FAMILIES: dict[str, str] = {"ddpm": "diffusion", "stylegan2": "gan"}
+
+
+def check_family(method: str, source_family: str) -> None:
+    cls = get_method(method)
+    if SOURCE_FAMILIES.get(source_family) != cls.family:
+        need = [f for f, fam in SOURCE_FAMILIES.items() if fam == cls.family]
+        raise ValueError(f"method {method} adapts {'/'.join(need)} sources, but the task's source.family "
+                         f"is {source_family!r}")
+
+
+def load_source_model(family: str, spec: str, device):
+    if family == "ddpm":
+        from trainers.diffusion.backbone import load_source
+
+        return load_source(spec, device)
+    from trainers.gan.source import load_gan_source
+
+    return load_gan_source(spec, device)
+
+
+def pretrainer(family: str) -> type[AdaptationMethod]:
+    if family == "ddpm":
+        from trainers.diffusion.pretrain import DDPMPretrain
+
+        return DDPMPretrain
+    from trainers.gan.pretrain import GANPretrain
+
+    return GANPretrain
+
+
+def source_ready(family: str, folder) -> bool:
+    from pathlib import Path
+
+    if family == "ddpm":
+        return (Path(folder) / "unet" / "config.json").is_file()
+    from trainers.gan.source import is_gan_source
+
+    return is_gan_source(folder)

@@ -130,12 +130,13 @@ def load_source(spec: str, device: torch.device | str = "cpu") -> DiffusionSourc
         unet_dir = path / "unet" if (path / "unet").is_dir() else path
         if not (unet_dir / "config.json").is_file():
             raise SourceModelError(f"source folder {path} has no unet/config.json or config.json")
-        unet = UNet2DModel.from_pretrained(unet_dir)
+        unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
         sched_dir = path / "scheduler"
         scheduler = DDPMScheduler.from_pretrained(sched_dir) if sched_dir.is_dir() else default_scheduler()
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not path.exists():
         try:  # a Hub id, from the local cache only: nothing is downloaded at run time
-            unet = UNet2DModel.from_pretrained(spec, subfolder="unet", local_files_only=True)
+            unet = UNet2DModel.from_pretrained(spec, subfolder="unet", local_files_only=True,
+                                               low_cpu_mem_usage=False)
             scheduler = DDPMScheduler.from_pretrained(spec, subfolder="scheduler", local_files_only=True)
         except Exception as exc:
             raise SourceModelError(
