@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import tracking
+from orchestrator.shipping import ship
 from orchestrator.storage import remove_run_dir, storage_uri
 
 # Train polls its workers every 2 s by default; metrics then arrive seconds late (STACK.md).
@@ -85,6 +86,7 @@ def run_job(job: dict[str, Any], *, name: str, experiment: str, tracking_uri: st
         if config_yaml:
             tracking.log_text(tracking_uri, run_id, config_yaml, "config.yaml")
 
+    job = ship(job)  # the driver's local files reach workers on other nodes
     run = job["run"]
     resources = {"CPU": run["cpus_per_worker"]}
     if run["use_gpu"]:

@@ -55,8 +55,25 @@ def pretrain_source(task: TaskConfig, *, tracking_uri: str | None = None, storag
     result = run_job(job, name=name, experiment=f"pretrain-{family}", tracking_uri=tracking_uri, storage=storage,
                      params=params, tags={"orchestrate.kind": "pretrain"}, restart=force)
     if not is_ready(task, folder):
-        raise RuntimeError(f"pretraining {name} finished but wrote no model to {folder}")
+        # On a cluster the worker exported to its own node's disk: fetch the model artifact that
+        # it logged to MLflow instead.
+        _fetch_model_artifact(result, folder)
+    if not is_ready(task, folder):
+        raise RuntimeError(f"pretraining {name} finished but no model reached {folder}")
     return folder, result
+
+
+def _fetch_model_artifact(result: LaunchResult, folder: Path) -> None:
+    import shutil
+    import tempfile
+
+    from orchestrator import tracking
+
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        local = tracking.client(result.tracking_uri).download_artifacts(result.run_id, "model", tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        Path(local).replace(folder)
 
 
 def encoder_path(task: TaskConfig) -> Path:

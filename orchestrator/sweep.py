@@ -26,6 +26,7 @@ from orchestrator import tracking
 from orchestrator.config import ConfigError, ResolvedConfig, apply_overrides
 from orchestrator.sources import source_for
 from orchestrator.storage import storage_uri
+from orchestrator.shipping import reuse_refs, ship
 from orchestrator.train import adaptation_job, check_inputs
 
 TAG_SWEEP = "orchestrate.sweep"
@@ -133,8 +134,8 @@ def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:
             "orchestrate.source": static["source"]})
         tracking.log_params(uri, run_id, cfg.flat_params())
         tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
-    job = {**adaptation_job(cfg, static["source"], static["domain_encoder"]), "run_id": run_id,
-           "tracking_uri": uri}
+    job = {**reuse_refs(adaptation_job(cfg, static["source"], static["domain_encoder"]), static["shipped"]),
+           "run_id": run_id, "tracking_uri": uri}
     resources = {"CPU": static["cpus_per_worker"]}
     if static["gpus_per_worker"]:
         resources["GPU"] = static["gpus_per_worker"]
@@ -225,6 +226,7 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
     on_gpu = settings.gpus_per_trial > 0
     static = {
         "base": base.model_dump(mode="json"), "source": source, "domain_encoder": encoder, "tracking_uri": uri,
+        "shipped": ship(adaptation_job(base, source, encoder)),  # object refs of the driver's local files
         "experiment_id": exp_id,
         "parent_run_id": parent_id, "sweep_name": name, "trials_storage": f"{sweep_path}/trials",
         "cpus_per_worker": settings.cpus_per_trial if settings.cpus_per_trial is not None else (1.0 if on_gpu else 0.99),

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from orchestrator import tracking
+from orchestrator.shipping import local_path
 
 STATE_FILE = "state.pt"
 
@@ -31,13 +32,18 @@ def build_method(job: dict[str, Any], device: torch.device, seed: int):
         return cls(cls.Config.model_validate(job["method_config"]), job["resolution"], device, seed=seed)
     cls = get_method(job["method"])
     cfg = cls.Config.model_validate(job["method_config"])
-    return cls(cfg, load_source_model(job["family"], job["source"], device), device, seed=seed)
+    source = local_path(job["source"], job.get("source_ref"))
+    return cls(cfg, load_source_model(job["family"], source, device), device, seed=seed)
 
 
-def load_training_images(job: dict[str, Any]) -> np.ndarray:
+def load_images_of(job: dict[str, Any], d: dict[str, Any]) -> np.ndarray:
+    """A job's images: shipped by the driver (its local data) or read here (synthetic, s3://)."""
+    if d.get("ref") is not None:
+        import ray
+
+        return ray.get(d["ref"])
     from trainers.data import load_images
 
-    d = job["data"]
     return load_images(d["uri"], job["resolution"], count=d.get("count"), seed=d.get("seed", 0),
                        image_column=d.get("image_column", "image"), cache_dir=job.get("cache_dir"),
                        storage_options=d.get("storage_options"))
@@ -48,18 +54,16 @@ class Evaluator:
     reference set (or the shots), each metric named by its feature network (trainers.metrics)."""
 
     def __init__(self, job: dict[str, Any], shots: torch.Tensor, device: torch.device):
-        from trainers.data import load_images, to_tensor
+        from trainers.data import to_tensor
         from trainers.metrics import ReferenceStats, available_extractors
 
         run = job["run"]
         self.run = run
-        self.extractors = available_extractors(run["metrics"], job.get("domain_encoder"), device)
+        encoder = local_path(job.get("domain_encoder"), job.get("domain_encoder_ref"))
+        self.extractors = available_extractors(run["metrics"], encoder, device)
         ref = job.get("reference")
         if ref is not None:
-            self.reference = to_tensor(load_images(
-                ref["uri"], job["resolution"], count=ref.get("count"), seed=ref.get("seed", 1),
-                image_column=ref.get("image_column", "image"), cache_dir=job.get("cache_dir"),
-                storage_options=ref.get("storage_options")))
+            self.reference = to_tensor(load_images_of(job, ref))
         else:
             self.reference = shots.cpu()
         self.shots = shots.cpu()
@@ -89,6 +93,7 @@ def _save_checkpoint(method, folder: Path, extra: dict[str, Any]) -> None:
 
 
 def train_loop(job: dict[str, Any]) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -105,7 +110,7 @@ def train_loop(job: dict[str, Any]) -> None:
     torch.manual_seed(seed)
 
     method = build_method(job, device, seed)
-    images = to_tensor(load_training_images(job)).to(device)
+    images = to_tensor(load_images_of(job, job["data"])).to(device)
     if world > 1:
         method.parallelize(lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
 
@@ -129,7 +134,8 @@ def train_loop(job: dict[str, Any]) -> None:
 
     if log and start == 0:
         tracking.log_params(uri, run_id, {"trainable_parameters": str(method.trainable_parameters()),
-                                          "world_size": str(world), "device": str(device)})
+                                          "world_size": str(world), "device": str(device),
+                                          "node_id": ray.get_runtime_context().get_node_id()})
         grid(0, run["grid_sample_steps"], "step_000000")
 
     evaluator = Evaluator(job, images, device) if rank == 0 and job.get("kind") == "adapt" else None
