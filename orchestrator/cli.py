@@ -250,6 +250,56 @@ def pretrain(
 
 
 @app.command()
+def lifelong(
+    tasks: Path = typer.Option(..., "--tasks", help="sequence file (tasks/sequence1.yaml)"),
+    method: str = typer.Option("lfs_gan", help="lfs_gan, or a shared-weight baseline: gan_finetune, dcl"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override KEY=VALUE for every task"),
+    name: Optional[str] = typer.Option(None, help="run name; the same name resumes (default: method-sequence-hash)"),
+    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+    storage: Optional[str] = typer.Option(None, help=STORAGE_HELP),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+) -> None:
+    """Learn a stream of few-shot tasks in order; after each, evaluate every earlier task and
+    report the matrices R[k, j], forgetting, backward transfer and the parameter cost per task."""
+    from orchestrator.config import parse_overrides
+    from orchestrator.launch import init_ray
+    from orchestrator.lifelong import load_sequence, run_lifelong, task_configs
+
+    try:
+        seq = load_sequence(tasks)
+        overrides = parse_overrides(set_)
+        task_configs(seq, method, overrides, str(tasks))  # validate everything before Ray starts
+    except (ConfigError, KeyError) as exc:
+        _fail(str(exc.args[0] if isinstance(exc, KeyError) else exc))
+    started = init_ray(address)
+    try:
+        res = _guard(lambda: run_lifelong(seq, method, overrides=overrides, name=name, tracking_uri=tracking_uri,
+                                          storage=storage, where=str(tasks)))
+    finally:
+        _shutdown(started)
+    _print_lifelong(res)
+
+
+def _print_lifelong(res) -> None:
+    import math
+
+    from orchestrator.tracking import ui_hint
+
+    for metric, M in res.matrices.items():
+        table = Table(f"{metric} (row: after task, column: on task)", *res.tasks)
+        for k, row in enumerate(M):
+            table.add_row(res.tasks[k], *["" if math.isnan(x) else f"{x:.4g}" for x in row])
+        console.print(table)
+    summary = Table("summary", "value")
+    for k, v in res.summary.items():
+        if "_task" not in k:
+            summary.add_row(k, f"{v:.4g}")
+    console.print(summary)
+    console.print(f"Lifelong run [bold]{res.name}[/]: MLflow parent run {res.parent_run_id}. "
+                  f"Browse: [bold]{ui_hint(res.tracking_uri)}[/]")
+
+
+@app.command()
 def methods() -> None:
     """List the methods and their default settings."""
     from trainers.registry import METHODS

@@ -56,7 +56,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 def run_job(job: dict[str, Any], *, name: str, experiment: str, tracking_uri: str | None = None,
             storage: str | None = None, params: dict[str, str] | None = None,
             config_yaml: str | None = None, tags: dict[str, str] | None = None,
-            restart: bool = False) -> LaunchResult:
+            restart: bool = False, parent_run_id: str | None = None) -> LaunchResult:
     """Run (or resume) one job as a Ray Train run recorded in one MLflow run."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -66,7 +66,7 @@ def run_job(job: dict[str, Any], *, name: str, experiment: str, tracking_uri: st
     tracking_uri = tracking.resolve_tracking_uri(tracking_uri)
     storage = storage_uri(storage)
     exp_id = tracking.get_or_create_experiment(tracking_uri, experiment)
-    existing = tracking.find_run(tracking_uri, exp_id, name)
+    existing = tracking.find_run(tracking_uri, exp_id, name, parent_run_id)
     if restart:
         remove_run_dir(storage, name)
         if existing is not None and existing.info.status == "RUNNING":
@@ -80,13 +80,16 @@ def run_job(job: dict[str, Any], *, name: str, experiment: str, tracking_uri: st
         run_id = existing.info.run_id
         tracking.reopen_run(tracking_uri, run_id)
     else:
-        run_id = tracking.start_run(tracking_uri, exp_id, name, tags=tags)
+        run_id = tracking.start_run(tracking_uri, exp_id, name, tags=tags, parent_run_id=parent_run_id)
         if params:
             tracking.log_params(tracking_uri, run_id, params)
         if config_yaml:
             tracking.log_text(tracking_uri, run_id, config_yaml, "config.yaml")
 
-    job = ship(job)  # the driver's local files reach workers on other nodes
+    job = {**ship(job), "name": name}  # the driver's local files reach workers on other nodes
+    print(f"[orchestrate] {'resuming' if resumed else 'starting'} {name}: {job['run']['steps']} steps on "
+          f"{job['run']['num_workers']} Ray Train worker(s); MLflow run {run_id} (experiment {experiment!r})",
+          flush=True)
     run = job["run"]
     resources = {"CPU": run["cpus_per_worker"]}
     if run["use_gpu"]:

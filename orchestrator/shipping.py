@@ -67,16 +67,23 @@ def ship(job: dict[str, Any]) -> dict[str, Any]:
     from trainers.data import load_images
 
     job = dict(job)
-    for key in ("source", "domain_encoder"):
+    for key in ("source", "domain_encoder", "lifelong_previous"):
         if job.get(key) and Path(job[key]).exists():
             job[f"{key}_ref"] = put_path(job[key])
+
+    def ship_images(d):
+        if d is None or not is_local_data(d["uri"]):
+            return d
+        images = load_images(d["uri"], job["resolution"], count=d.get("count"), seed=d.get("seed", 0),
+                             image_column=d.get("image_column", "image"), cache_dir=job.get("cache_dir"),
+                             storage_options=d.get("storage_options"))
+        return {**d, "ref": put_images(images)}
+
     for key in ("data", "reference"):
-        d = job.get(key)
-        if d is not None and is_local_data(d["uri"]):
-            images = load_images(d["uri"], job["resolution"], count=d.get("count"), seed=d.get("seed", 0),
-                                 image_column=d.get("image_column", "image"), cache_dir=job.get("cache_dir"),
-                                 storage_options=d.get("storage_options"))
-            job[key] = {**d, "ref": put_images(images)}
+        job[key] = ship_images(job.get(key))
+    if job.get("lifelong_eval"):
+        job["lifelong_eval"] = [{**e, "data": ship_images(e["data"]), "reference": ship_images(e.get("reference"))}
+                                for e in job["lifelong_eval"]]
     return job
 
 

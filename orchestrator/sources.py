@@ -7,7 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from orchestrator.config import PretrainSpec, RunSettings, TaskConfig
+from orchestrator.config import RunSettings, TaskConfig
 from orchestrator.launch import LaunchResult, run_job
 from orchestrator.storage import data_cache_dir, sources_dir
 from trainers.registry import pretrainer, source_ready
@@ -44,6 +44,8 @@ def pretrain_source(task: TaskConfig, *, tracking_uri: str | None = None, storag
     run = run or RunSettings(steps=spec.steps, report_every=max(1, min(250, spec.steps)),
                              sample_every=max(1, min(500, spec.steps)), seed=spec.seed)
     name = folder.name
+    print(f"[orchestrate] pretraining the {family} source model {name} on {spec.data} "
+          f"({spec.steps} steps); it is cached in {folder} for later runs", flush=True)
     job = {
         "kind": "pretrain", "family": family, "method": pretrainer(family).key, "resolution": task.resolution,
         "method_config": method_config.model_dump(mode="json"), "run": run.model_dump(),
@@ -91,6 +93,8 @@ def domain_encoder_for(task: TaskConfig) -> Path:
     path = encoder_path(task)
     if path.is_file():
         return path
+    print(f"[orchestrate] training the domain encoder of {task.source.pretrain.data} "
+          f"({task.source.pretrain.encoder_steps} SimCLR steps); cached in {path.parent}", flush=True)
     import torch
 
     from trainers.data import load_images

@@ -11,7 +11,7 @@ import io
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -187,16 +187,8 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, 
     return [(m.step, m.value) for m in client(tracking_uri).get_metric_history(run_id, key)]
 
 
-def run_summary(run) -> dict[str, Any]:
-    return {"run_id": run.info.run_id, "status": run.info.status, "artifact_uri": run.info.artifact_uri}
-
-
 def ui_hint(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
-
-def iter_chunks(seq: list[Any], size: int) -> Iterable[list[Any]]:
-    for i in range(0, len(seq), size):
-        yield seq[i:i + size]

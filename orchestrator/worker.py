@@ -33,7 +33,10 @@ def build_method(job: dict[str, Any], device: torch.device, seed: int):
     cls = get_method(job["method"])
     cfg = cls.Config.model_validate(job["method_config"])
     source = local_path(job["source"], job.get("source_ref"))
-    return cls(cfg, load_source_model(job["family"], source, device), device, seed=seed)
+    method = cls(cfg, load_source_model(job["family"], source, device), device, seed=seed)
+    if job.get("lifelong_previous"):  # a later task of a lifelong stream: earlier tasks' state
+        method.continue_from(local_path(job["lifelong_previous"], job.get("lifelong_previous_ref")))
+    return method
 
 
 def load_images_of(job: dict[str, Any], d: dict[str, Any]) -> np.ndarray:
@@ -85,6 +88,28 @@ class Evaluator:
                            kid_subset_size=min(1000, n, len(self.reference)), cache=self.cache)
         metrics["eval_seconds"] = time.perf_counter() - t0
         return metrics
+
+
+    def earlier_tasks(self, method, job: dict[str, Any]) -> dict[str, float]:
+        """Row k of the lifelong matrices: the model after task k on every task j <= k, sampled
+        with task j's own state where the method keeps one (``sample_task``), else as it is."""
+        from trainers.data import to_tensor
+        from trainers.metrics import evaluate
+
+        run, out = self.run, {}
+        for spec in job["lifelong_eval"]:
+            j = spec["index"]
+            shots = to_tensor(load_images_of(job, spec["data"]))
+            ref = to_tensor(load_images_of(job, spec["reference"])) if spec.get("reference") else shots
+            n = run["final_eval_samples"]
+            if hasattr(method, "sample_task"):
+                samples = method.sample_task(spec["task_id"], n, seed=run["seed"] + 12345)
+            else:
+                samples = method.sample(n, steps=run["final_eval_sample_steps"], seed=run["seed"] + 12345)
+            metrics = evaluate(samples, ref, shots, self.extractors, seed=run["seed"],
+                               kid_subset_size=min(1000, n, len(ref)), cache=self.cache)
+            out.update({f"r_{k}_task{j}": v for k, v in metrics.items() if not k.startswith("num_")})
+        return out
 
 
 def _save_checkpoint(method, folder: Path, extra: dict[str, Any]) -> None:
@@ -172,9 +197,21 @@ def train_loop(job: dict[str, Any]) -> None:
                 buffer.add({"steps_per_s": report["steps_per_s"], "images_per_s": report["images_per_s"]},
                            step + 1)
                 buffer.flush()
+            if rank == 0:  # live progress in the driver's console (Ray forwards worker output)
+                shown = {k: report[k] for k in ("loss", "fid_domain", "intra_dist_domain") if k in report}
+                print(f"[{job.get('name', job['kind'])}] step {step + 1}/{steps} "
+                      + " ".join(f"{k} {v:.4g}" for k, v in shown.items())
+                      + f" ({report['steps_per_s']:.2f} steps/s)", flush=True)
             if last and rank == 0:
                 # Before the final report: a scheduler may stop the trial as soon as it sees it.
                 finish(job, method, log)
+                if job.get("lifelong_eval"):
+                    rows = evaluator.earlier_tasks(method, job)
+                    report.update(rows)
+                    if buffer is not None:
+                        buffer.add(rows, step + 1)
+                        buffer.flush()
+                report["trainable_parameters"] = float(method.trainable_parameters())
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:

@@ -68,6 +68,11 @@ class AdaptationMethod(ABC):
     def export(self, folder: str | Path) -> Path:
         """Write the adapted generator in a format that loads as a source model."""
 
+    def continue_from(self, folder: str | Path) -> None:
+        """Lifelong streams: take over the state of earlier tasks from the previous task's export
+        (``folder``). Methods that share one set of weights across tasks already start from that
+        export as their source, so the default does nothing."""
+
     def parallelize(self, wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
         """Wrap the trained modules for data-parallel training (e.g. DDP); default: nothing."""
 
