@@ -113,8 +113,8 @@ def main() -> None:
     bare_mean = sum(bare) / len(bare)
     print(f"\nSweep overhead: {args.trials} trials x {args.steps} steps of ddpm_finetune (16², tiny UNet, "
           f"batch 8), {os.cpu_count()} CPUs, torch {torch.__version__}, {platform.processor() or platform.machine()}")
-    print(f"| variant | wall s / trial | overhead s / trial | ratio vs bare |")
-    print(f"|---|---:|---:|---:|")
+    print("| variant | wall s / trial | overhead s / trial | ratio vs bare |")
+    print("|---|---:|---:|---:|")
     print(f"| bare loop, one process | {bare_mean:.1f} | 0.0 | 1.00 |")
     for concurrent, per_trial in rows:
         print(f"| orchestrate sweep, {concurrent} at a time | {per_trial:.1f} | {per_trial - bare_mean:+.1f} | "

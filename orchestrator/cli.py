@@ -286,6 +286,8 @@ def _print_lifelong(res) -> None:
     from orchestrator.tracking import ui_hint
 
     for metric, M in res.matrices.items():
+        if metric.startswith("kid_std"):  # in MLflow, not worth a table here
+            continue
         table = Table(f"{metric} (row: after task, column: on task)", *res.tasks)
         for k, row in enumerate(M):
             table.add_row(res.tasks[k], *["" if math.isnan(x) else f"{x:.4g}" for x in row])

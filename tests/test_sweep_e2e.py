@@ -152,3 +152,22 @@ def test_killed_sweep_resumes_with_every_trial_once(ray_local, workspace):
             assert "orchestrate.resumed" not in k.data.tags
     rows = open(tracking.client(uri).download_artifacts(parent.info.run_id, "results.csv")).read().splitlines()[1:]
     assert sorted(r.split(",")[0] for r in rows) == sorted(ids)  # and exactly once in Tune's results
+
+
+def test_ddpm_pa_sweep_with_its_default_space_and_objective(ray_local, workspace):
+    task = write_tiny_task(workspace)
+    args = ["sweep", "ddpm_pa", "--task", str(task), "--num-samples", "2", "--name", "pa", *URI_ARGS]
+    for s in TINY_RUN:
+        args += ["--set", s]
+    res = cli(*args)
+    assert res.exit_code == 0, res.output
+    uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name("ddpm_pa")
+    parent = tracking.find_run(uri, exp.experiment_id, "pa")
+    space = {k for k in parent.data.params if k.startswith("space.")}
+    assert {"space.lambda_img", "space.lambda_hf", "space.lambda_hfmse", "space.pair_t_max", "space.lr"} <= space
+    assert "best_fid_domain" in parent.data.metrics  # the default objective
+    best_id = parent.data.tags["orchestrate.best_trial"]
+    out = cli("best", "ddpm_pa", "--tracking-uri", "sqlite:///mlflow.db")
+    assert out.exit_code == 0 and best_id in out.output and "fid_domain" in out.output

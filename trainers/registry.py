@@ -7,6 +7,7 @@ from trainers.diffusion.ddpm_finetune import DDPMFinetune
 from trainers.diffusion.ddpm_pa import DDPMPA
 from trainers.gan.dcl import DCL
 from trainers.gan.gan_finetune import GANFinetune
+from trainers.gan.lfs_gan import LFSGAN
 
 METHODS: dict[str, type[AdaptationMethod]] = {
     cls.key: cls
@@ -15,6 +16,7 @@ METHODS: dict[str, type[AdaptationMethod]] = {
         DDPMPA,
         GANFinetune,
         DCL,
+        LFSGAN,
     )
 }
 

@@ -1,0 +1,498 @@
+"""DDPM-PA vs plain fine-tuning: the paper's comparison (Zhu et al. 2022, arXiv 2211.03264) in small.
+
+    python benchmarks/ddpm_pa_vs_finetune.py [--domain sketch] [--seeds 0 1 2] [--steps 300]
+        [--batch-size 8] [--samples 256] [--sample-steps 10] [--pretrain-steps N]
+        [--out benchmarks/results] [--threads 2] [--vary-shots]
+
+One process, plain loops over the trainers' methods (no Ray, no MLflow):
+
+1. The source DDPM of the built-in task ``synthetic:<domain>``: the very folder the CLI uses
+   (``orchestrator.sources.cached_source_path``); when it is not there yet it is pretrained here
+   with ``DDPMPretrain`` from the task's ``source.pretrain`` spec, in the same way as the CLI's
+   worker loop, and saved there with ``save_source`` (so the CLI reuses it, and vice versa).
+   ``--pretrain-steps`` changes the spec, and therefore the folder (the CLI's cache key hashes the
+   spec): a quick run never writes a differently trained model under the default spec's name.
+   The domain encoder behind the ``*_domain`` metrics comes from ``domain_encoder_for(task)``
+   (the CLI's own function: trained once with ``train_domain_encoder``, saved atomically).
+2. For each seed and each method (``ddpm_finetune``, ``ddpm_pa``, default configs, the same
+   steps and batch size), train on the task's ten shots, sample, and ``evaluate`` against the
+   task's reference set (1,000 synthetic target images).
+   Shots: by default the task's own ten shots (``task.target``, seed 0: the images the CLI trains
+   on), fixed over seeds as in the paper, which adapts to one fixed 10-shot set per domain; the
+   benchmark seed varies the training (timesteps, noise, batches, pair choice) and the sampling
+   noise. With ``--vary-shots`` the shot set is drawn anew per seed (draw 100 + seed of the
+   target domain; draws 0 and 1 are the task's shots and reference set, so a draw equal to the
+   reference seed would put the shots inside the reference set). Both methods of one seed see
+   the same shots, batches and sampling noise seed, so ratios are taken per seed (paired).
+3. A table (mean ± std over seeds) on stdout and in ``<out>/ddpm_pa_vs_finetune.md``, raw numbers
+   in ``<out>/ddpm_pa_vs_finetune.json``, sample grids of seed 0 and the shots as PNGs.
+
+Two reference rows: the source model before adaptation, and 'real target', ``--samples`` real
+target images of another draw (the best a model can do at this sample count: FID's floor and
+the target's own diversity).
+
+Verdict rule (``verdict`` below): per seed, Δ = intra_dist_domain(pa) − intra_dist_domain(ft);
+"more diversity" iff mean(Δ) > 0 and mean(Δ) > std(Δ) (the spread over seeds; with one seed,
+Δ > 0 without a spread estimate); "similar quality" iff the mean over seeds of
+fid_domain(pa) / fid_domain(ft) ≤ 1 + FID_TOLERANCE (10 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+# Before torch starts its OpenMP pool: idle threads sleep instead of spinning. On a CPU shared with
+# other jobs, spinning threads waiting for a descheduled sibling made a 2-thread step 4-15x slower
+# (measured: 2.0-7.5 s vs 0.5 s per pretraining step); alone on the machine it costs little.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from orchestrator.config import PretrainSpec, TaskConfig, builtin_task  # noqa: E402
+from orchestrator.sources import (  # noqa: E402
+    cached_source_path,
+    domain_encoder_for,
+    encoder_path,
+    is_ready,
+)
+from orchestrator.storage import data_cache_dir  # noqa: E402
+from trainers.data import TARGET_DOMAINS, load_images, to_tensor  # noqa: E402
+from trainers.diffusion.backbone import ddim_sample, load_source, random_batch, save_source  # noqa: E402
+from trainers.diffusion.ddpm_finetune import DDPMFinetune  # noqa: E402
+from trainers.diffusion.ddpm_pa import DDPMPA  # noqa: E402
+from trainers.diffusion.pretrain import DDPMPretrain  # noqa: E402
+from trainers.metrics import MissingWeightsError, ReferenceStats, available_extractors, evaluate  # noqa: E402
+
+METHODS = (DDPMFinetune, DDPMPA)
+FID_TOLERANCE = 0.10  # "similar quality": PA's FID at most 10 % above fine-tuning's (mean of per-seed ratios)
+METRICS = [("fid_domain", "↓"), ("kid_domain", "↓"), ("intra_dist_domain", "↑"), ("intra_lpips_vgg", "↑")]
+SHOT_DRAW_OFFSET = 100  # --vary-shots: shot draw = 100 + seed (never the reference set's draw)
+SAMPLE_SEED_OFFSET = 12345  # as the CLI's final evaluation: sampling noise seed = seed + 12345
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Clock:
+    """Wall and process-CPU seconds of a phase (CPU time is robust to other jobs on the machine)."""
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.cpu = time.process_time()
+
+    def elapsed(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+# ------------------------------------------------------------------------------------------------
+# source model and domain encoder
+# ------------------------------------------------------------------------------------------------
+def source_folder(task: TaskConfig, pretrain_steps: int | None) -> tuple[TaskConfig, Path]:
+    """The task (with the pretrain spec actually used) and the folder of its source model."""
+    if pretrain_steps is not None and pretrain_steps != task.source.pretrain.steps:
+        spec = task.source.pretrain.model_copy(update={"steps": int(pretrain_steps)})
+        task = task.model_copy(update={"source": task.source.model_copy(update={"pretrain": spec})})
+    # The CLI's key hashes the whole spec: a changed spec is where a task with it would cache.
+    return task, cached_source_path(task)
+
+
+def pretrain(task: TaskConfig, folder: Path, device: torch.device) -> dict[str, Any]:
+    """Pretrain the source DDPM as the CLI's worker loop does (same data, seeds, batches, export)."""
+    spec: PretrainSpec = task.source.pretrain
+    images = to_tensor(load_images(spec.data, task.resolution, count=spec.count, seed=spec.seed,
+                                   cache_dir=data_cache_dir())).to(device)
+    settings = {"preset": spec.preset, "batch_size": spec.batch_size}
+    if spec.lr is not None:  # None: the pretrainer's own default (as the CLI)
+        settings["lr"] = spec.lr
+    cfg = DDPMPretrain.Config(**settings)
+    torch.manual_seed(spec.seed)
+    method = DDPMPretrain(cfg, task.resolution, device, seed=spec.seed)
+    gen = torch.Generator(device=device).manual_seed(spec.seed + 7)
+    clock = Clock()
+    losses: list[float] = []
+    for step in range(spec.steps):
+        out = method.train_step(random_batch(images, cfg.batch_size, gen, hflip=cfg.hflip))
+        losses.append(out["loss"])
+        if not math.isfinite(out["loss"]):
+            raise FloatingPointError(f"pretraining diverged at step {step + 1}: {out}")
+        if (step + 1) % 100 == 0 or step + 1 == spec.steps:
+            wall, _ = clock.elapsed()
+            log(f"  pretrain {step + 1}/{spec.steps}  loss {np.mean(losses[-100:]):.4f}  "
+                f"{wall / (step + 1):.2f} s/step, eta {wall / (step + 1) * (spec.steps - step - 1) / 60:.1f} min")
+    if is_ready(task, folder):  # someone (a CLI run) finished the same spec meanwhile: keep theirs
+        log(f"  {folder} appeared meanwhile; keeping it")
+    else:
+        save_source(method.sampling_unet, method.scheduler, folder,
+                    extra={"adapted_by": method.key, "adapted_from": method.source.origin,
+                           "pretrain": spec.model_dump(mode="json"),
+                           "written_by": "benchmarks/ddpm_pa_vs_finetune.py"})
+    wall, cpu = clock.elapsed()
+    return {"steps": spec.steps, "wall_s": wall, "cpu_s": cpu, "final_loss": float(np.mean(losses[-100:]))}
+
+
+# ------------------------------------------------------------------------------------------------
+# one adaptation run
+# ------------------------------------------------------------------------------------------------
+def adapt(cls, folder: Path, shots: torch.Tensor, seed: int, args, device: torch.device):
+    """Train ``cls`` (default config, the benchmark's batch size) for ``args.steps`` steps on the
+    shots; return the method, the per-step timings and the last losses."""
+    torch.manual_seed(seed)
+    source = load_source(str(folder), device)  # fresh: the methods train the source UNet in place
+    cfg = cls.Config(batch_size=args.batch_size)
+    method = cls(cfg, source, device, seed=seed)
+    images = shots.to(device)
+    gen = torch.Generator(device=device).manual_seed(seed + 7)  # the CLI worker's batch stream
+    history: dict[str, list[float]] = {}
+    wall = cpu = 0.0
+    for step in range(args.steps):
+        clock = Clock()
+        out = method.train_step(random_batch(images, cfg.batch_size, gen, hflip=cfg.hflip))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        w, c = clock.elapsed()
+        wall, cpu = wall + w, cpu + c
+        for k, v in out.items():
+            history.setdefault(k, []).append(v)
+        if not all(math.isfinite(v) for v in out.values()):
+            raise FloatingPointError(f"{cls.key} seed {seed}: non-finite losses at step {step + 1}: {out}")
+        if (step + 1) % 100 == 0 or step + 1 == args.steps:
+            log(f"    {cls.key} seed {seed} step {step + 1}/{args.steps}  loss {np.mean(history['loss'][-100:]):.4f}"
+                f"  {wall / (step + 1):.3f} s/step")
+    last = {k: float(np.mean(v[-50:])) for k, v in history.items()}
+    return method, {"s_per_step": wall / args.steps, "cpu_s_per_step": cpu / args.steps}, last
+
+
+def sample_and_evaluate(sample_fn, reference, shots, extractors, cache, seed: int, n: int):
+    clock = Clock()
+    samples = sample_fn()
+    sample_wall, _ = clock.elapsed()
+    metrics = evaluate(samples, reference, shots, extractors, seed=seed,
+                       kid_subset_size=min(1000, n, len(reference)), cache=cache)
+    metrics["sample_s"] = sample_wall
+    return samples, metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics, verdict, output
+# ------------------------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float]:
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def fmt(values: list[float], digits: int = 4) -> str:
+    m, s = mean_std(values)
+    if not math.isfinite(m):
+        return "n/a"
+    g = f"{{:.{digits}g}}"
+    return g.format(m) if not math.isfinite(s) else f"{g.format(m)} ± {g.format(s)}"
+
+
+def verdict(runs: dict[str, list[dict[str, float]]]) -> tuple[bool, str, dict[str, float]]:
+    """Did DDPM-PA keep more diversity than fine-tuning at similar quality? Computed, per the
+    rule in the module docstring; returns (answer, sentence, the numbers behind it)."""
+    ft, pa = runs["ddpm_finetune"], runs["ddpm_pa"]
+    delta = [p["intra_dist_domain"] - f["intra_dist_domain"] for p, f in zip(pa, ft)]
+    fid_ratio = [p["fid_domain"] / f["fid_domain"] for p, f in zip(pa, ft)]
+    d_mean, d_std = mean_std(delta)
+    r_mean, r_std = mean_std(fid_ratio)
+    one_seed = len(delta) < 2
+    more_div = d_mean > 0 and (one_seed or d_mean > d_std)
+    similar = r_mean <= 1 + FID_TOLERANCE
+    rel = d_mean / mean_std([f["intra_dist_domain"] for f in ft])[0]
+    spread = "no spread estimate: one seed" if one_seed else f"spread over seeds {d_std:.4f}"
+    div_txt = (f"intra_dist_domain {'+' if d_mean >= 0 else ''}{d_mean:.4f} ({rel:+.1%}; {spread})")
+    fid_txt = f"fid_domain ratio pa/finetune {r_mean:.3f}" + (f" ± {r_std:.3f}" if not one_seed else "")
+    if more_div and similar:
+        sentence = (f"Yes: DDPM-PA kept more diversity than fine-tuning at similar quality — {div_txt}, "
+                    f"{fid_txt} (≤ {1 + FID_TOLERANCE:.2f}).")
+    elif more_div:
+        sentence = (f"Not at similar quality: DDPM-PA kept more diversity ({div_txt}) but its FID is worse "
+                    f"by more than {FID_TOLERANCE:.0%} ({fid_txt}).")
+    elif d_mean > 0:
+        sentence = (f"No clear difference: DDPM-PA's diversity is higher on average but not by more than the "
+                    f"spread over seeds ({div_txt}); {fid_txt}.")
+    else:
+        sentence = f"No: DDPM-PA did not keep more diversity than fine-tuning ({div_txt}); {fid_txt}."
+    return more_div and similar, sentence, {"delta_intra_dist_mean": d_mean, "delta_intra_dist_std": d_std,
+                                            "fid_ratio_mean": r_mean, "fid_ratio_std": r_std}
+
+
+def table(rows: list[tuple[str, list[dict[str, float]]]], columns: list[tuple[str, str]],
+          ratios: dict[str, list[float]], markdown: bool) -> str:
+    head = ["method"] + [f"{k} {arrow}" for k, arrow in columns] + ["s/step (wall)", "CPU s/step"]
+    body = []
+    for name, runs in rows:
+        cells = [name] + [fmt([r.get(k, float("nan")) for r in runs]) for k, _ in columns]
+        cells += [fmt([r.get("s_per_step", float("nan")) for r in runs], 3),
+                  fmt([r.get("cpu_s_per_step", float("nan")) for r in runs], 3)]
+        body.append(cells)
+    body.append(["ratio pa/finetune"] + [fmt(ratios[k], 3) for k, _ in columns]
+                + [fmt(ratios["s_per_step"], 3), fmt(ratios["cpu_s_per_step"], 3)])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(c) + " |" for c in body]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head] + body)
+
+
+def save_grid(images: torch.Tensor, path: Path, cols: int, scale: int = 1, pad: int = 1) -> None:
+    from PIL import Image
+
+    x = images.permute(0, 2, 3, 1).numpy()  # [N,H,W,3] uint8
+    n, h, w, _ = x.shape
+    rows = math.ceil(n / cols)
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = x[i]
+    img = Image.fromarray(canvas)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path, optimize=True)
+
+
+# ------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--domain", default="sketch", choices=TARGET_DOMAINS, help="built-in task synthetic:<domain>")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=300, help="adaptation steps, the same for both methods")
+    p.add_argument("--batch-size", type=int, default=8, help="the same for both methods (ddpm_pa needs >= 3)")
+    p.add_argument("--samples", type=int, default=256, help="samples per evaluation")
+    p.add_argument("--sample-steps", type=int, default=10,
+                   help="DDIM steps when sampling (10, as the CLI's periodic evaluations: 25 did not fit "
+                        "the 20-minute budget of the default run on 2 shared CPU cores)")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="override the task's pretraining steps (a different cache folder)")
+    p.add_argument("--vary-shots", action="store_true", help="draw a new 10-shot set per seed")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--grid", type=int, default=64, help="images in each sample grid PNG")
+    args = p.parse_args(argv)
+    if args.batch_size < 3:
+        p.error("--batch-size must be >= 3 (ddpm_pa's pairwise set has 3 samples)")
+    if args.samples < 2:
+        p.error("--samples must be >= 2")
+    return args
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    t_start = Clock()
+    started = _dt.datetime.now().astimezone()
+    load_start = os.getloadavg()
+    phases: dict[str, dict[str, float]] = {}
+
+    task, folder = source_folder(builtin_task(args.domain), args.pretrain_steps)
+    if task.source.family != "ddpm":
+        raise SystemExit(f"{task.name}: the source is a {task.source.family}, not a DDPM")
+    spec = task.source.pretrain
+    log(f"task {task.name}: source {folder} ({'cached' if is_ready(task, folder) else 'to pretrain'}), "
+        f"device {device}, {args.threads} threads, load average {load_start[0]:.1f}")
+
+    # 1. source model and domain encoder --------------------------------------------------------
+    source_info: dict[str, Any] = {"path": str(folder), "cached": is_ready(task, folder), "spec": spec.model_dump(mode="json")}
+    if not source_info["cached"]:
+        log(f"pretraining the source DDPM: {spec.steps} steps, batch {spec.batch_size}, preset {spec.preset}")
+        source_info["pretrain"] = pretrain(task, folder, device)
+        phases["pretrain source"] = {"wall_s": source_info["pretrain"]["wall_s"], "cpu_s": source_info["pretrain"]["cpu_s"]}
+    enc_path = encoder_path(task)
+    source_info["encoder"] = str(enc_path)
+    source_info["encoder_cached"] = enc_path.is_file()
+    if not source_info["encoder_cached"]:
+        log(f"training the domain encoder: {spec.encoder_steps} SimCLR steps")
+        clock = Clock()
+        domain_encoder_for(task)
+        w, c = clock.elapsed()
+        phases["train domain encoder"] = {"wall_s": w, "cpu_s": c}
+
+    extractors = available_extractors(["domain"], enc_path, device)
+    try:
+        extractors += available_extractors(["lpips_vgg"], device=device)
+        lpips_note = "Intra-LPIPS (VGG) computed: LPIPS weights found on disk."
+    except MissingWeightsError as exc:
+        lpips_note = (f"Intra-LPIPS not computed: its weights are not on this machine "
+                      f"(missing {', '.join(exc.filenames)}); diversity is intra_dist_domain only.")
+    log(lpips_note)
+    columns = [(k, a) for k, a in METRICS if k != "intra_lpips_vgg" or len(extractors) > 1]
+
+    # data ------------------------------------------------------------------------------------
+    t, ref = task.target, task.reference
+    reference = to_tensor(load_images(ref.data, task.resolution, count=ref.count, seed=ref.seed,
+                                      cache_dir=data_cache_dir()))
+    real = to_tensor(load_images(ref.data, task.resolution, count=args.samples, seed=ref.seed + 1,
+                                 cache_dir=data_cache_dir()))  # another draw of the target domain
+    shot_sets = {}
+    for seed in args.seeds:
+        draw = SHOT_DRAW_OFFSET + seed if args.vary_shots else t.seed
+        if draw not in shot_sets:
+            shot_sets[draw] = to_tensor(load_images(t.data, task.resolution, count=t.shots, seed=draw,
+                                                    cache_dir=data_cache_dir()))
+    shots_of = {s: shot_sets[SHOT_DRAW_OFFSET + s if args.vary_shots else t.seed] for s in args.seeds}
+    cache = ReferenceStats()
+
+    # 2. reference rows: the source model before adaptation, real target images ----------------
+    clock = Clock()
+    log(f"source model before adaptation: {args.samples} samples, {args.sample_steps} DDIM steps")
+    src = load_source(str(folder), device)
+    src_samples = ddim_sample(src.unet.eval(), src.scheduler, args.samples, src.resolution, args.sample_steps,
+                              device, seed=args.seeds[0] + SAMPLE_SEED_OFFSET,  # the methods' precision:
+                              autocast_dtype=torch.bfloat16 if device.type == "cuda" else None).cpu()
+    del src
+    source_rows, real_rows = [], []
+    for seed in args.seeds:  # evaluated against each seed's shots (the same set unless --vary-shots)
+        source_rows.append(evaluate(src_samples, reference, shots_of[seed], extractors, seed=seed,
+                                    kid_subset_size=min(1000, args.samples, len(reference)), cache=cache))
+        real_rows.append(evaluate(real, reference, shots_of[seed], extractors, seed=seed,
+                                  kid_subset_size=min(1000, args.samples, len(reference)), cache=cache))
+        if not args.vary_shots:
+            break
+    w, c = clock.elapsed()
+    phases["reference rows (sample + evaluate)"] = {"wall_s": w, "cpu_s": c}
+
+    # 3. the comparison -------------------------------------------------------------------------
+    runs: dict[str, list[dict[str, float]]] = {cls.key: [] for cls in METHODS}
+    grids: dict[str, torch.Tensor] = {}
+    train_wall = train_cpu = 0.0
+    clock_all = Clock()
+    for seed in args.seeds:
+        for cls in METHODS:
+            log(f"  {cls.key} seed {seed}: {args.steps} steps, batch {args.batch_size}")
+            method, timing, last = adapt(cls, folder, shots_of[seed], seed, args, device)
+            train_wall += timing["s_per_step"] * args.steps
+            train_cpu += timing["cpu_s_per_step"] * args.steps
+            samples, metrics = sample_and_evaluate(
+                partial(method.sample, args.samples, steps=args.sample_steps, seed=seed + SAMPLE_SEED_OFFSET),
+                reference, shots_of[seed], extractors, cache, seed, args.samples)
+            row = {**metrics, **timing, **{f"train_{k}": v for k, v in last.items()}, "seed": seed}
+            runs[cls.key].append(row)
+            if seed == args.seeds[0]:
+                grids[cls.key] = samples[: args.grid]
+            log(f"    {cls.key} seed {seed}: " + ", ".join(f"{k} {row[k]:.4g}" for k, _ in columns if k in row)
+                + f", {timing['s_per_step']:.3f} s/step, sampling {metrics['sample_s']:.0f} s")
+            del method
+    w, c = clock_all.elapsed()
+    phases["adaptation (train)"] = {"wall_s": train_wall, "cpu_s": train_cpu}
+    phases["adaptation (sample + evaluate)"] = {"wall_s": w - train_wall, "cpu_s": c - train_cpu}
+
+    # 4. report ---------------------------------------------------------------------------------
+    ft, pa = runs["ddpm_finetune"], runs["ddpm_pa"]
+    ratio_keys = [k for k, _ in columns] + ["s_per_step", "cpu_s_per_step"]
+    ratios = {k: [p[k] / f[k] for p, f in zip(pa, ft)] for k in ratio_keys}
+    rows = [("source (before adaptation)", source_rows), ("real target images", real_rows),
+            ("ddpm_finetune", ft), ("ddpm_pa", pa)]
+    answer, sentence, numbers = verdict(runs)
+    wall_total, cpu_total = t_start.elapsed()
+    load_end = os.getloadavg()
+
+    text_table = table(rows, columns, ratios, markdown=False)
+    print()
+    print(text_table)
+    print()
+    print(sentence)
+    print(f"\nwall time {wall_total / 60:.1f} min (CPU {cpu_total / 60:.1f} min)")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_grid(shots_of[args.seeds[0]], args.out / "ddpm_pa_vs_finetune_shots.png", cols=5, scale=2)
+    save_grid(src_samples[: args.grid], args.out / "ddpm_pa_vs_finetune_source.png", cols=8)
+    for key, imgs in grids.items():
+        save_grid(imgs, args.out / f"ddpm_pa_vs_finetune_{key}_seed{args.seeds[0]}.png", cols=8)
+
+    cmd = "python benchmarks/ddpm_pa_vs_finetune.py" + "".join(
+        f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    machine = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+               f"torch {torch.__version__}, device {device}"
+               + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+               + f", {args.threads} torch threads; load average {load_start[0]:.1f} at start, "
+               f"{load_end[0]:.1f} at the end (other jobs shared the cores: wall times are noisy, "
+               "CPU times less so)")
+    shots_txt = (f"a new draw per seed (synthetic draw {SHOT_DRAW_OFFSET} + seed)" if args.vary_shots else
+                 f"the task's ten shots, fixed (draw {t.seed}; the images the CLI trains on); "
+                 "the seed varies training and sampling noise")
+    phase_lines = "\n".join(f"| {k} | {v['wall_s'] / 60:.1f} | {v['cpu_s'] / 60:.1f} |" for k, v in phases.items())
+    md = f"""# DDPM-PA vs fine-tuning, in small
+
+`{cmd}` — {started:%Y-%m-%d %H:%M %Z}, wall time **{wall_total / 60:.1f} min** (CPU {cpu_total / 60:.1f} min).
+
+Built-in task `synthetic:{args.domain}`: the project's own source DDPM ({spec.preset} UNet, {task.resolution}²,
+pretrained on `{spec.data}`: {spec.steps} steps, batch {spec.batch_size}, lr {spec.lr};
+{'cached' if source_info['cached'] else 'pretrained by this run'}: `{folder.name}`) adapted to
+{t.shots} shots of `{t.data}`. Shots: {shots_txt}.
+
+Both methods: default configs (`ddpm_pa`: λ_img 4, λ_hf 4, λ_hfmse 1, pairs of 3, all timesteps), **{args.steps} steps,
+batch {args.batch_size}**, lr 1e-4, EMA 0.999; seeds {', '.join(map(str, args.seeds))}. Evaluation: {args.samples} samples
+(EMA weights), {args.sample_steps} DDIM steps, against the task's reference set ({len(reference)} images of
+`{ref.data}`, draw {ref.seed}), features of the project's domain encoder (SimCLR on the source domain,
+{spec.encoder_steps} steps). `intra_dist_domain` is the Intra-LPIPS protocol (Ojha et al. 2021: samples
+clustered to their nearest shot, mean pairwise distance within clusters) with the domain encoder's
+cosine distance instead of LPIPS. {lpips_note}
+
+Machine: {machine}.
+
+## Results (mean ± std over {len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''})
+
+{table(rows, columns, ratios, markdown=True)}
+
+Ratios are per seed (paired: same shots, batches and sampling noise), then averaged.
+"source" is the source model's samples (one sampling run) and "real target images" is
+{args.samples} real images of another draw of the target domain: FID's floor at this sample count and
+the domain's own diversity.
+
+**{sentence}**
+
+Rule (computed in `verdict()`): Δ = intra_dist_domain(pa) − intra_dist_domain(ft) per seed; more
+diversity iff mean(Δ) > 0 and mean(Δ) > std(Δ) over seeds; similar quality iff mean(fid pa/ft) ≤
+{1 + FID_TOLERANCE:.2f}.
+
+## Time
+
+| phase | wall min | CPU min |
+|---|---|---|
+{phase_lines}
+| **total** | **{wall_total / 60:.1f}** | **{cpu_total / 60:.1f}** |
+
+## Samples (seed {args.seeds[0]}, first {min(args.grid, args.samples)})
+
+| shots | source | ddpm_finetune | ddpm_pa |
+|---|---|---|---|
+| ![shots](ddpm_pa_vs_finetune_shots.png) | ![source](ddpm_pa_vs_finetune_source.png) | ![ft](ddpm_pa_vs_finetune_ddpm_finetune_seed{args.seeds[0]}.png) | ![pa](ddpm_pa_vs_finetune_ddpm_pa_seed{args.seeds[0]}.png) |
+"""
+    (args.out / "ddpm_pa_vs_finetune.md").write_text(md)
+    result = {
+        "command": cmd, "date": started.isoformat(), "wall_s": wall_total, "cpu_s": cpu_total,
+        "machine": machine, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "source": source_info, "phases": phases, "verdict": {"answer": answer, "sentence": sentence, **numbers},
+        "source_rows": source_rows, "real_rows": real_rows, "runs": runs, "ratios": ratios,
+    }
+    (args.out / "ddpm_pa_vs_finetune.json").write_text(json.dumps(result, indent=1))
+    log(f"wrote {args.out / 'ddpm_pa_vs_finetune.md'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
