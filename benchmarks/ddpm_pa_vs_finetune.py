@@ -289,7 +289,9 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--grid", type=int, default=64, help="images in each sample grid PNG")
+    p.add_argument("--grid", type=int, default=16, help="images in each sample grid PNG (8 a row)")
+    p.add_argument("--report-only", action="store_true",
+                   help="re-render the table and markdown from <out>/ddpm_pa_vs_finetune.json; train nothing")
     args = p.parse_args(argv)
     if args.batch_size < 3:
         p.error("--batch-size must be >= 3 (ddpm_pa's pairwise set has 3 samples)")
@@ -300,6 +302,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.report_only:
+        result = json.loads((args.out / "ddpm_pa_vs_finetune.json").read_text())
+        report(result, args.out)
+        return result
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
@@ -401,22 +407,8 @@ def main(argv=None) -> dict[str, Any]:
     phases["adaptation (sample + evaluate)"] = {"wall_s": w - train_wall, "cpu_s": c - train_cpu}
 
     # 4. report ---------------------------------------------------------------------------------
-    ft, pa = runs["ddpm_finetune"], runs["ddpm_pa"]
-    ratio_keys = [k for k, _ in columns] + ["s_per_step", "cpu_s_per_step"]
-    ratios = {k: [p[k] / f[k] for p, f in zip(pa, ft)] for k in ratio_keys}
-    rows = [("source (before adaptation)", source_rows), ("real target images", real_rows),
-            ("ddpm_finetune", ft), ("ddpm_pa", pa)]
-    answer, sentence, numbers = verdict(runs)
     wall_total, cpu_total = t_start.elapsed()
     load_end = os.getloadavg()
-
-    text_table = table(rows, columns, ratios, markdown=False)
-    print()
-    print(text_table)
-    print()
-    print(sentence)
-    print(f"\nwall time {wall_total / 60:.1f} min (CPU {cpu_total / 60:.1f} min)")
-
     args.out.mkdir(parents=True, exist_ok=True)
     save_grid(shots_of[args.seeds[0]], args.out / "ddpm_pa_vs_finetune_shots.png", cols=5, scale=2)
     save_grid(src_samples[: args.grid], args.out / "ddpm_pa_vs_finetune_source.png", cols=8)
@@ -431,36 +423,96 @@ def main(argv=None) -> dict[str, Any]:
                + f", {args.threads} torch threads; load average {load_start[0]:.1f} at start, "
                f"{load_end[0]:.1f} at the end (other jobs shared the cores: wall times are noisy, "
                "CPU times less so)")
-    shots_txt = (f"a new draw per seed (synthetic draw {SHOT_DRAW_OFFSET} + seed)" if args.vary_shots else
+    ft, pa = runs["ddpm_finetune"], runs["ddpm_pa"]
+    ratio_keys = [k for k, _ in columns] + ["s_per_step", "cpu_s_per_step"]
+    result = {
+        "command": cmd, "date": started.isoformat(), "wall_s": wall_total, "cpu_s": cpu_total,
+        "machine": machine, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "task": task.model_dump(mode="json"), "lpips_note": lpips_note, "columns": [k for k, _ in columns],
+        "source": source_info, "phases": phases,
+        "source_rows": source_rows, "real_rows": real_rows, "runs": runs,
+        "ratios": {k: [p[k] / f[k] for p, f in zip(pa, ft)] for k in ratio_keys},
+    }
+    answer, sentence, numbers = verdict(runs)
+    result["verdict"] = {"answer": answer, "sentence": sentence, **numbers}
+    (args.out / "ddpm_pa_vs_finetune.json").write_text(json.dumps(result, indent=1))
+    report(result, args.out)
+    return result
+
+
+def report(result: dict[str, Any], out: Path) -> None:
+    """Print the table and write ``<out>/ddpm_pa_vs_finetune.md`` from a result (the JSON's
+    content), so that ``--report-only`` can re-render it without training anything."""
+    st = result["settings"]
+    task = TaskConfig.model_validate(result["task"]) if "task" in result else \
+        source_folder(builtin_task(st["domain"]), st.get("pretrain_steps"))[0]
+    spec, t, ref = task.source.pretrain, task.target, task.reference
+    runs = result["runs"]
+    ft, pa = runs["ddpm_finetune"], runs["ddpm_pa"]
+    keys = result.get("columns") or [k for k, _ in METRICS if k in ft[0]]
+    columns = [(k, a) for k, a in METRICS if k in keys]
+    lpips_note = result.get("lpips_note") or (
+        "Intra-LPIPS (VGG) computed." if "intra_lpips_vgg" in ft[0] else
+        "Intra-LPIPS not computed: its weights are not on this machine; diversity is intra_dist_domain only.")
+    rows = [("source (before adaptation)", result["source_rows"]), ("real target images", result["real_rows"]),
+            ("ddpm_finetune", ft), ("ddpm_pa", pa)]
+    ratios = result["ratios"]
+    answer, sentence, numbers = verdict(runs)
+    wall_total, cpu_total = result["wall_s"], result["cpu_s"]
+    seeds = st["seeds"]
+    n_ref = int(result["source_rows"][0].get("num_reference", ref.count or 0))
+    started = _dt.datetime.fromisoformat(result["date"])
+    folder = Path(result["source"]["path"])
+
+    print()
+    print(table(rows, columns, ratios, markdown=False))
+    print()
+    print(sentence)
+    print(f"\nwall time {wall_total / 60:.1f} min (CPU {cpu_total / 60:.1f} min)")
+
+    shots_txt = (f"a new draw per seed (synthetic draw {SHOT_DRAW_OFFSET} + seed)" if st.get("vary_shots") else
                  f"the task's ten shots, fixed (draw {t.seed}; the images the CLI trains on); "
                  "the seed varies training and sampling noise")
-    phase_lines = "\n".join(f"| {k} | {v['wall_s'] / 60:.1f} | {v['cpu_s'] / 60:.1f} |" for k, v in phases.items())
+    phase_lines = "\n".join(f"| {k} | {v['wall_s'] / 60:.1f} | {v['cpu_s'] / 60:.1f} |"
+                            for k, v in result["phases"].items())
+    loss_keys = [k for k in ("train_loss_simple", "train_loss_img", "train_loss_hf", "train_loss_hfmse",
+                             "train_loss", "train_grad_norm") if any(k in r for r in ft + pa)]
+    loss_lines = "\n".join(
+        f"| {name} | " + " | ".join(fmt([r[k] for r in rs if k in r], 3) for k in loss_keys) + " |"
+        for name, rs in (("ddpm_finetune", ft), ("ddpm_pa", pa)))
+    grid = min(st.get("grid", 16), st["samples"])
+    grid_png = out / f"ddpm_pa_vs_finetune_ddpm_pa_seed{seeds[0]}.png"
+    if grid_png.is_file():  # what the PNG holds (8 a row, 1-pixel gaps)
+        from PIL import Image
+
+        with Image.open(grid_png) as im:
+            grid = min(grid, 8 * ((im.height - 1) // (task.resolution + 1)))
     md = f"""# DDPM-PA vs fine-tuning, in small
 
-`{cmd}` — {started:%Y-%m-%d %H:%M %Z}, wall time **{wall_total / 60:.1f} min** (CPU {cpu_total / 60:.1f} min).
+`{result['command']}` — {started:%Y-%m-%d %H:%M %Z}, wall time **{wall_total / 60:.1f} min** (CPU {cpu_total / 60:.1f} min, both threads).
 
-Built-in task `synthetic:{args.domain}`: the project's own source DDPM ({spec.preset} UNet, {task.resolution}²,
+Built-in task `synthetic:{st['domain']}`: the project's own source DDPM ({spec.preset} UNet, {task.resolution}²,
 pretrained on `{spec.data}`: {spec.steps} steps, batch {spec.batch_size}, lr {spec.lr};
-{'cached' if source_info['cached'] else 'pretrained by this run'}: `{folder.name}`) adapted to
+{'cached' if result['source']['cached'] else 'pretrained by this run'}: `{folder.name}`) adapted to
 {t.shots} shots of `{t.data}`. Shots: {shots_txt}.
 
-Both methods: default configs (`ddpm_pa`: λ_img 4, λ_hf 4, λ_hfmse 1, pairs of 3, all timesteps), **{args.steps} steps,
-batch {args.batch_size}**, lr 1e-4, EMA 0.999; seeds {', '.join(map(str, args.seeds))}. Evaluation: {args.samples} samples
-(EMA weights), {args.sample_steps} DDIM steps, against the task's reference set ({len(reference)} images of
+Both methods: default configs (`ddpm_pa`: λ_img 4, λ_hf 4, λ_hfmse 1, pairs of 3, all timesteps), **{st['steps']} steps,
+batch {st['batch_size']}**, lr 1e-4, EMA 0.999, grad-norm clip 1; seeds {', '.join(map(str, seeds))}. Evaluation:
+{st['samples']} samples (EMA weights), {st['sample_steps']} DDIM steps, against the task's reference set ({n_ref} images of
 `{ref.data}`, draw {ref.seed}), features of the project's domain encoder (SimCLR on the source domain,
 {spec.encoder_steps} steps). `intra_dist_domain` is the Intra-LPIPS protocol (Ojha et al. 2021: samples
 clustered to their nearest shot, mean pairwise distance within clusters) with the domain encoder's
 cosine distance instead of LPIPS. {lpips_note}
 
-Machine: {machine}.
+Machine: {result['machine']}.
 
-## Results (mean ± std over {len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''})
+## Results (mean ± std over {len(seeds)} seed{'s' if len(seeds) > 1 else ''})
 
 {table(rows, columns, ratios, markdown=True)}
 
 Ratios are per seed (paired: same shots, batches and sampling noise), then averaged.
 "source" is the source model's samples (one sampling run) and "real target images" is
-{args.samples} real images of another draw of the target domain: FID's floor at this sample count and
+{st['samples']} real images of another draw of the target domain: FID's floor at this sample count and
 the domain's own diversity.
 
 **{sentence}**
@@ -469,6 +521,13 @@ Rule (computed in `verdict()`): Δ = intra_dist_domain(pa) − intra_dist_domain
 diversity iff mean(Δ) > 0 and mean(Δ) > std(Δ) over seeds; similar quality iff mean(fid pa/ft) ≤
 {1 + FID_TOLERANCE:.2f}.
 
+Training losses, mean of the last 50 steps (`ddpm_pa`'s terms are weighted, as in its loss dict;
+the gradient norm is before clipping):
+
+| method | {' | '.join(k.removeprefix('train_') for k in loss_keys)} |
+|---|{'---|' * len(loss_keys)}
+{loss_lines}
+
 ## Time
 
 | phase | wall min | CPU min |
@@ -476,22 +535,14 @@ diversity iff mean(Δ) > 0 and mean(Δ) > std(Δ) over seeds; similar quality if
 {phase_lines}
 | **total** | **{wall_total / 60:.1f}** | **{cpu_total / 60:.1f}** |
 
-## Samples (seed {args.seeds[0]}, first {min(args.grid, args.samples)})
+## Samples (seed {seeds[0]}, first {grid})
 
 | shots | source | ddpm_finetune | ddpm_pa |
 |---|---|---|---|
-| ![shots](ddpm_pa_vs_finetune_shots.png) | ![source](ddpm_pa_vs_finetune_source.png) | ![ft](ddpm_pa_vs_finetune_ddpm_finetune_seed{args.seeds[0]}.png) | ![pa](ddpm_pa_vs_finetune_ddpm_pa_seed{args.seeds[0]}.png) |
+| ![shots](ddpm_pa_vs_finetune_shots.png) | ![source](ddpm_pa_vs_finetune_source.png) | ![ft](ddpm_pa_vs_finetune_ddpm_finetune_seed{seeds[0]}.png) | ![pa](ddpm_pa_vs_finetune_ddpm_pa_seed{seeds[0]}.png) |
 """
-    (args.out / "ddpm_pa_vs_finetune.md").write_text(md)
-    result = {
-        "command": cmd, "date": started.isoformat(), "wall_s": wall_total, "cpu_s": cpu_total,
-        "machine": machine, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "source": source_info, "phases": phases, "verdict": {"answer": answer, "sentence": sentence, **numbers},
-        "source_rows": source_rows, "real_rows": real_rows, "runs": runs, "ratios": ratios,
-    }
-    (args.out / "ddpm_pa_vs_finetune.json").write_text(json.dumps(result, indent=1))
-    log(f"wrote {args.out / 'ddpm_pa_vs_finetune.md'}")
-    return result
+    (out / "ddpm_pa_vs_finetune.md").write_text(md)
+    log(f"wrote {out / 'ddpm_pa_vs_finetune.md'}")
 
 
 if __name__ == "__main__":
