@@ -163,6 +163,22 @@ def _resolve_local(uri: str, base: Path) -> str:
     return str((base / uri).resolve())
 
 
+def read_yaml_mapping(path: str | Path, kind: str, keys: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; errors name the file and what was expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{kind} file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None and kind == "space":
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of {keys}, got {type(data).__name__}")
+    return data
+
+
 DEFAULT_TASK = "synthetic:sketch"
 
 
@@ -191,15 +207,7 @@ def load_task(path: str | Path, family: str = "ddpm") -> TaskConfig:
     if isinstance(path, str) and path.startswith("synthetic:"):
         return builtin_task(path.split(":", 1)[1], family)
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"task file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys (name, resolution, source, target, ...), "
-                          f"got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "task", "keys (name, resolution, source, target, ...)")
     raw.setdefault("name", path.stem)
     try:
         task = TaskConfig.model_validate(raw)
@@ -329,14 +337,7 @@ def resolve(method: str, task_file: str | Path | None = None, config_file: str |
         raise ConfigError(str(exc.args[0])) from None
     if config_file is not None:
         path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping with keys method, task, method_config, run")
+        data = read_yaml_mapping(path, "config", "keys method, task, method_config, run")
         if data.get("method", method) != method:
             raise ConfigError(f"{path}: method: file is for {data['method']!r}, command asked for {method!r}")
         data["method"] = method

@@ -63,17 +63,10 @@ class SequenceConfig(BaseModel):
 
 
 def load_sequence(path: str | Path) -> SequenceConfig:
-    from orchestrator.config import _resolve_local
+    from orchestrator.config import _resolve_local, read_yaml_mapping
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sequence file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with keys name, resolution, source, run, tasks")
+    raw = read_yaml_mapping(path, "sequence", "keys name, resolution, source, run, tasks")
     raw.setdefault("name", path.stem)
     try:
         seq = SequenceConfig.model_validate(raw)

@@ -17,9 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from orchestrator.config import ConfigError, ResolvedConfig, apply_overrides
+from orchestrator.config import ConfigError, ResolvedConfig, apply_overrides, read_yaml_mapping
 
 KINDS = ("uniform", "loguniform", "int", "choice")
 
@@ -64,16 +63,7 @@ def corner_values(spec: Any) -> list[Any]:
 
 
 def load_space_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"space file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of setting -> range, got {type(raw).__name__}")
-    return raw
+    return read_yaml_mapping(path, "space", "setting -> range")
 
 
 def build_space(base: ResolvedConfig, space_file: str | Path | None = None) -> dict[str, Any]:
