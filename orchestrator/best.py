@@ -12,25 +12,31 @@ from orchestrator.config import ConfigError
 
 
 def best_runs(method: str, metric: str, mode: str, *, task: str | None = None, top: int = 5,
-              tracking_uri: str | None = None) -> list[Any]:
-    """FINISHED train runs and sweep trials of ``method`` that logged ``metric``, best first."""
+              tracking_uri: str | None = None, sequence: str | None = None) -> list[Any]:
+    """FINISHED train runs and sweep trials of ``method`` that logged ``metric``, best first.
+    With ``sequence``: its lifelong runs and sequence-sweep trials (whole sequences) instead."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
     c = tracking.client(uri)
-    exp = c.get_experiment_by_name(method)
+    experiment = f"lifelong-{sequence}" if sequence else method
+    exp = c.get_experiment_by_name(experiment)
     if exp is None:
-        raise ConfigError(f"no MLflow experiment {method!r} in {uri}: nothing has been run with this method")
+        what = f"sequence {sequence!r}" if sequence else "this method"
+        raise ConfigError(f"no MLflow experiment {experiment!r} in {uri}: nothing has been run with {what}")
     if mode not in ("min", "max"):
         raise ConfigError(f"--mode {mode!r}: expected min or max")
     flt = f"attributes.status = 'FINISHED' and metrics.`{metric}` >= -1e308"
     if task:
         flt += f" and tags.`{tracking.TAG_TASK}` = '{task}'"
+    if sequence:  # the lifelong experiment holds every method's runs of the sequence
+        flt += f" and tags.`{tracking.TAG_METHOD}` = '{method}'"
+    kinds = ("lifelong", "trial") if sequence else ("train", "trial")
     order = f"metrics.`{metric}` {'ASC' if mode == 'min' else 'DESC'}"
     out: list[Any] = []
     token = None
     while len(out) < top:  # sweep parents carry best_* metrics, not the metric itself; skip others
         page = c.search_runs([exp.experiment_id], filter_string=flt, order_by=[order],
                              max_results=max(50, top), page_token=token)
-        out += [r for r in page if r.data.tags.get(tracking.TAG_KIND) in ("train", "trial")]
+        out += [r for r in page if r.data.tags.get(tracking.TAG_KIND) in kinds]
         token = page.token
         if not token:
             break

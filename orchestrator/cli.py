@@ -13,6 +13,10 @@ from rich.table import Table
 
 from orchestrator.config import DEFAULT_TASK, ConfigError
 
+# The objective of a sequence sweep and of `best --sequence` unless told otherwise: the average,
+# over the sequence's tasks, of each task's FID (domain encoder) after the last task is learned.
+SEQUENCE_METRIC = ("avg_final_fid_domain", "min")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Few-shot and lifelong generator adaptation on Ray, recorded in MLflow.")
 console = Console()
@@ -97,7 +101,10 @@ def train(
 @app.command()
 def sweep(
     method: str = typer.Argument(..., help="method key, e.g. ddpm_pa"),
-    task: str = typer.Option(DEFAULT_TASK, "--task", "-t", help=TASK_HELP),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help=TASK_HELP + f" [default: {DEFAULT_TASK}]"),
+    tasks: Optional[Path] = typer.Option(None, "--tasks", help="a lifelong sequence file instead of one task: "
+                                         "every trial learns the whole sequence and the objective is its "
+                                         f"summary (default {SEQUENCE_METRIC[0]})"),
     space: Optional[Path] = typer.Option(None, help="YAML that overrides or extends the method's default space"),
     set_: list[str] = typer.Option([], "--set", "-s", help="fixed override KEY=VALUE for every trial"),
     num_samples: int = typer.Option(6, help="trials"),
@@ -118,19 +125,31 @@ def sweep(
     address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
 ) -> None:
     """Search METHOD's loss weights, timesteps and learning rate with Optuna in Ray Tune; every
-    trial is a Ray Train run and an MLflow child run of the sweep."""
+    trial is a Ray Train run and an MLflow child run of the sweep. With --tasks SEQUENCE every
+    trial learns a whole lifelong sequence (a Ray Train run per task) and is ranked by the
+    sequence's summary."""
     from orchestrator.config import parse_overrides, resolve
     from orchestrator.launch import init_ray
+    from orchestrator.lifelong import load_sequence, task_configs
     from orchestrator.space import build_space
     from orchestrator.sweep import SweepSettings, default_objective, run_sweep
 
+    sequence = None
     try:
         overrides = parse_overrides(set_)
         for key, value in (("run.num_workers", workers), ("run.steps", steps)):
             if value is not None:
                 overrides[key] = value
-        base = resolve(method, task_file=task, overrides=overrides)
-        metrics, modes = (metric, mode) if metric else default_objective(base)
+        if tasks is not None:
+            if task is not None:
+                raise ConfigError("--task and --tasks: give one task or one sequence, not both")
+            sequence = load_sequence(tasks)
+            base = task_configs(sequence, method, overrides, str(tasks))[0]
+            default = ([SEQUENCE_METRIC[0]], [SEQUENCE_METRIC[1]])
+        else:
+            base = resolve(method, task_file=task or DEFAULT_TASK, overrides=overrides)
+            default = default_objective(base)
+        metrics, modes = (metric, mode) if metric else default
         if metric and not mode:
             modes = ["min"] * len(metric)
         settings = SweepSettings(num_samples=num_samples, max_concurrent=max_concurrent, metrics=list(metrics),
@@ -143,7 +162,8 @@ def sweep(
     started = init_ray(address)
     try:
         res = _guard(lambda: run_sweep(base, sp, settings, name=resume or name, resume=resume is not None,
-                                       tracking_uri=tracking_uri, storage=storage))
+                                       tracking_uri=tracking_uri, storage=storage, sequence=sequence,
+                                       overrides=overrides))
     finally:
         _shutdown(started)
     _print_sweep(res, res.settings, method)  # on --resume, the sweep's own stored settings
@@ -152,7 +172,7 @@ def sweep(
 def _print_sweep(res, settings, method: str) -> None:
     from orchestrator.tracking import ui_hint
 
-    table = Table("trial", "status", "step", *settings.metrics, "config")
+    table = Table("trial", "status", res.progress, *settings.metrics, "config")
     for t in res.trials:
         table.add_row(t["trial_id"], t["status"], str(t["step"]),
                       *[f"{t[m]:.4g}" if t.get(m) is not None else "-" for m in settings.metrics],
@@ -178,6 +198,8 @@ def _short(v) -> str:
 def best(
     method: str = typer.Argument(..., help="method key"),
     task: Optional[str] = typer.Option(None, help="only runs of this task (its name)"),
+    sequence: Optional[str] = typer.Option(None, help="rank lifelong runs and sequence-sweep trials of this "
+                                           f"sequence (its name) instead; default metric {SEQUENCE_METRIC[0]}"),
     top: int = typer.Option(5, help="how many"),
     metric: Optional[str] = typer.Option(None, help="rank by this metric (default: the sweep objective)"),
     mode: Optional[str] = typer.Option(None, help="min or max"),
@@ -189,10 +211,13 @@ def best(
     from orchestrator.sweep import DEFAULT_METRIC
     from orchestrator.tracking import resolve_tracking_uri
 
-    metric = metric or DEFAULT_METRIC[0]
-    mode = mode or DEFAULT_METRIC[1]
+    default = SEQUENCE_METRIC if sequence else DEFAULT_METRIC
+    metric = metric or default[0]
+    mode = mode or default[1]
     try:
-        runs = best_runs(method, metric, mode, task=task, top=top, tracking_uri=tracking_uri)
+        if sequence and (task or export):
+            raise ConfigError("--sequence ranks whole sequences: --task and --export apply to single-task runs")
+        runs = best_runs(method, metric, mode, task=task, top=top, tracking_uri=tracking_uri, sequence=sequence)
     except ConfigError as exc:
         _fail(str(exc))
     if not runs:
@@ -207,6 +232,11 @@ def best(
         table.add_row(str(i), r.info.run_name, r.data.tags.get(TAG_TASK, "-"), f"{r.data.metrics[metric]:.4g}",
                       *[r.data.params.get(k, "-") for k in varying])
     console.print(table)
+    if sequence:
+        fixed = {k: v for k, v in runs[0].data.params.items() if k.startswith("method_config.")}
+        sets = " ".join(f"--set {k.split('.', 1)[1]}={v}" for k, v in sorted(fixed.items()))
+        console.print(f"Best: [bold]{runs[0].info.run_name}[/]; again with: orchestrate lifelong --tasks "
+                      f"<sequence file> --method {method} {sets}", highlight=False)
     if export:
         path = export_config(resolve_tracking_uri(tracking_uri), runs[0].info.run_id, export)
         console.print(f"Best config written to [bold]{path}[/]: orchestrate train {method} --config {path}")

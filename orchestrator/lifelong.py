@@ -19,7 +19,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
@@ -124,20 +124,40 @@ def default_name(seq: SequenceConfig, method: str, overrides: dict[str, Any]) ->
     return f"{method}-{seq.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
 
+def experiment_name(seq: SequenceConfig) -> str:
+    return f"lifelong-{seq.name}"
+
+
+def prefix_summary(R: dict[str, np.ndarray], k: int) -> dict[str, float]:
+    """The summary of the tasks learned so far (rows and columns 0..k of every matrix): what a
+    sweep's scheduler compares between sequences after the same number of tasks. At k = K-1 it
+    is the sequence's final summary."""
+    out: dict[str, float] = {}
+    for metric, M in R.items():
+        out.update(summarize(M[:k + 1, :k + 1], metric))
+    return {key: v for key, v in out.items() if "_task" not in key}
+
+
 def run_lifelong(seq: SequenceConfig, method: str, *, overrides: dict[str, Any] | None = None,
                  name: str | None = None, tracking_uri: str | None = None, storage: str | None = None,
-                 where: str = "sequence") -> LifelongResult:
+                 where: str = "sequence", parent_run_id: str | None = None,
+                 tags: dict[str, str] | None = None,
+                 on_task: Callable[[int, dict[str, float]], None] | None = None) -> LifelongResult:
+    """Learn the sequence's tasks in order (resuming a run of the same name). ``parent_run_id``
+    nests the sequence's MLflow run under another (a sweep's), ``on_task(k, prefix_summary)`` is
+    called after each task (a sweep trial reports it to Tune)."""
     from orchestrator.train import check_inputs
 
     overrides = overrides or {}
     configs = task_configs(seq, method, overrides, where)
     name = name or default_name(seq, method, overrides)
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    exp_id = tracking.get_or_create_experiment(uri, f"lifelong-{seq.name}")
-    parent = tracking.find_run(uri, exp_id, name)
+    exp_id = tracking.get_or_create_experiment(uri, experiment_name(seq))
+    parent = tracking.find_run(uri, exp_id, name, parent_run_id)
     if parent is None:
-        parent_id = tracking.start_run(uri, exp_id, name, tags={
-            tracking.TAG_KIND: "lifelong", tracking.TAG_METHOD: method, "orchestrate.sequence": seq.name})
+        parent_id = tracking.start_run(uri, exp_id, name, parent_run_id=parent_run_id, tags={
+            tracking.TAG_KIND: "lifelong", tracking.TAG_METHOD: method, "orchestrate.sequence": seq.name,
+            tracking.TAG_TASK: seq.name, **(tags or {})})
         tracking.log_params(uri, parent_id, {"method": method, "tasks": json.dumps([t.name for t in seq.tasks]),
                                              **{f"method_config.{k}": str(v)
                                                 for k, v in configs[0].method_config.items() if k != "task_id"},
@@ -169,7 +189,7 @@ def run_lifelong(seq: SequenceConfig, method: str, *, overrides: dict[str, Any] 
                 job = adaptation_job(cfg, previous, encoder)
                 job.update(export_dir=str(export_dir), lifelong_previous=previous if k > 0 else None,
                            lifelong_eval=[{"index": j, "task_id": j, **_eval_sets(configs[j])} for j in range(k + 1)])
-                res = run_job(job, name=child_name, experiment=f"lifelong-{seq.name}", tracking_uri=uri,
+                res = run_job(job, name=child_name, experiment=experiment_name(seq), tracking_uri=uri,
                               storage=storage, params=cfg.flat_params(), config_yaml=cfg.to_yaml(),
                               parent_run_id=parent_id,
                               tags={tracking.TAG_KIND: "lifelong-task", tracking.TAG_TASK: cfg.task.name,
@@ -186,6 +206,16 @@ def run_lifelong(seq: SequenceConfig, method: str, *, overrides: dict[str, Any] 
                         metrics.append(metric)
                     R[metric][k, int(j)] = value
             previous = str(export_dir)
+            partial = prefix_summary(R, k)
+            buf = tracking.MetricBuffer(uri, parent_id)  # curves over "tasks learned" in MLflow
+            buf.add({key: v for key, v in partial.items() if not math.isnan(v)}, k + 1)
+            buf.flush()
+            if on_task is not None and k < K - 1:  # the last one after everything is recorded
+                try:
+                    on_task(k, partial)
+                except BaseException:  # the caller stopped the sequence (Tune's scheduler): not a failure
+                    tracking.end_run(uri, parent_id, "KILLED")
+                    raise
         summary = {}
         for metric in metrics:
             summary.update(summarize(R[metric], metric))
@@ -195,9 +225,13 @@ def run_lifelong(seq: SequenceConfig, method: str, *, overrides: dict[str, Any] 
         tracking.end_run(uri, parent_id, "KILLED")
         raise
     except BaseException:
-        tracking.end_run(uri, parent_id, "FAILED")
+        if tracking.client(uri).get_run(parent_id).info.status == "RUNNING":
+            tracking.end_run(uri, parent_id, "FAILED")
         raise
     tracking.end_run(uri, parent_id, "FINISHED")
+    if on_task is not None:
+        # a sweep's scheduler may stop the trial at this report: nothing may be left to do after it
+        on_task(K - 1, prefix_summary(R, K - 1))
     return LifelongResult(name, parent_id, uri, [t.name for t in seq.tasks], R, summary, params_per_task)
 
 
@@ -215,8 +249,9 @@ def _record(uri: str, parent_id: str, seq: SequenceConfig, R: dict[str, np.ndarr
     import matplotlib.pyplot as plt
 
     names = [t.name for t in seq.tasks]
-    buf = tracking.MetricBuffer(uri, parent_id)
-    buf.add({k: v for k, v in summary.items() if not math.isnan(v)}, len(names))
+    buf = tracking.MetricBuffer(uri, parent_id)  # the overall figures were logged with the last task
+    buf.add({k: v for k, v in summary.items() if not math.isnan(v) and ("_task" in k or k.startswith("trainable"))},
+            len(names))
     buf.flush()
     c = tracking.client(uri)
     with tempfile.TemporaryDirectory() as tmp:

@@ -86,22 +86,23 @@ class SweepResult:
     best: dict[str, Any] | None
     settings: SweepSettings
     pareto: list[dict[str, Any]] | None = None
+    progress: str = "step"  # what a trial's "step" column counts: steps, or tasks_learned
 
 
-def _trial_status_callback(tracking_uri: str, experiment_id: str, parent_run_id: str, steps: int):
+def _trial_status_callback(tracking_uri: str, experiment_id: str, parent_run_id: str, progress: "Progress"):
     """A Tune callback (built lazily so importing this module does not import Ray)."""
     from ray.tune import Callback
 
     class MlflowTrialStatus(Callback):
         def _close(self, trial, status: str) -> None:
             run = tracking.find_run(tracking_uri, experiment_id, trial.trial_id, parent_run_id)
-            if run is not None and run.info.status == "RUNNING":
-                tracking.end_run(tracking_uri, run.info.run_id, status)
+            if run is not None:
+                _end_open_runs(tracking_uri, experiment_id, run.info.run_id, status)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             # A trial whose last report is its final step has finished all its work (the worker
             # exports and logs before that report) even if the scheduler stopped it right then.
-            done = (trial.last_result or {}).get("step") == steps
+            done = (trial.last_result or {}).get(progress.attr) == progress.total
             self._close(trial, "FINISHED" if done else "KILLED")
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -154,6 +155,36 @@ def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:
     tracking.end_run(uri, run_id, "FINISHED")
 
 
+@dataclass
+class Progress:
+    """What a trial's reports count and when it is complete: optimisation steps of one run, or
+    tasks learned by a lifelong sequence (a sequence sweep)."""
+
+    attr: str
+    total: int
+
+
+def sequence_trial(params: dict[str, Any], *, static: dict[str, Any]) -> None:
+    """The Tune function trainable of a sequence sweep: one trial = the whole lifelong sequence
+    with the trial's config (a Ray Train run per task), recorded as a lifelong MLflow run under
+    the sweep's parent. After each task it reports the summary of the tasks learned so far
+    (``avg_final_*``, ``forgetting_*``, ``bwt_*`` over tasks 0..k, ``tasks_learned`` = k+1), so
+    the objective of a finished trial is computed over the whole sequence and ASHA compares
+    trials after the same number of tasks. A resumed trial continues its sequence at the first
+    unfinished task (``run_lifelong``'s resume)."""
+    from ray import tune
+
+    from orchestrator.lifelong import SequenceConfig, run_lifelong
+
+    trial_id = tune.get_context().get_trial_id()
+    seq = SequenceConfig.model_validate(static["sequence"])
+    run_lifelong(seq, static["method"], overrides={**static["overrides"], **params}, name=trial_id,
+                 tracking_uri=static["tracking_uri"], storage=static["trials_storage"],
+                 parent_run_id=static["parent_run_id"], where=f"trial {trial_id}",
+                 tags={tracking.TAG_KIND: "trial", TAG_TRIAL: trial_id, TAG_SWEEP: static["sweep_name"]},
+                 on_task=lambda k, summary: tune.report({"tasks_learned": k + 1, **summary}))
+
+
 def _searcher(settings: SweepSettings):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -167,14 +198,15 @@ def _searcher(settings: SweepSettings):
     return OptunaSearch(metric=metric, mode=mode, sampler=sampler)
 
 
-def _scheduler(settings: SweepSettings, steps: int):
+def _scheduler(settings: SweepSettings, progress: Progress):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if settings.scheduler == "fifo" or settings.multi_objective:
         return FIFOScheduler()  # ASHA ranks trials by one metric only
-    grace = settings.grace_period or max(1, steps // 4)
-    return ASHAScheduler(time_attr="step", metric=settings.metrics[0], mode=settings.modes[0],
-                         max_t=steps, grace_period=min(grace, steps), reduction_factor=settings.reduction_factor)
+    total = progress.total
+    grace = settings.grace_period or max(1, total // 4)
+    return ASHAScheduler(time_attr=progress.attr, metric=settings.metrics[0], mode=settings.modes[0],
+                         max_t=total, grace_period=min(grace, total), reduction_factor=settings.reduction_factor)
 
 
 def default_sweep_name(base: ResolvedConfig) -> str:
@@ -183,58 +215,88 @@ def default_sweep_name(base: ResolvedConfig) -> str:
 
 def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettings, *,
               name: str | None = None, resume: bool = False, tracking_uri: str | None = None,
-              storage: str | None = None, verbose: int = 1) -> SweepResult:
+              storage: str | None = None, verbose: int = 1, sequence: Any = None,
+              overrides: dict[str, Any] | None = None) -> SweepResult:
+    """Sweep ``space`` around ``base``. With ``sequence`` (a ``SequenceConfig``) every trial
+    learns the whole lifelong sequence (``base`` is then its first task's config, ``overrides``
+    the fixed ones of every task) and the objective is the sequence's summary
+    (``avg_final_fid_domain`` by default): the sweep lives in the sequence's MLflow experiment."""
     from ray import tune
 
+    from orchestrator.lifelong import SequenceConfig, experiment_name, task_configs
     from orchestrator.space import to_tune
 
     settings.validate()
     uri = tracking.resolve_tracking_uri(tracking_uri)
     storage = storage_uri(storage)
     name = name or default_sweep_name(base)
-    exp_id = tracking.get_or_create_experiment(uri, base.method)
+    experiment = experiment_name(sequence) if sequence is not None else base.method
+    exp_id = tracking.get_or_create_experiment(uri, experiment)
     parent = tracking.find_run(uri, exp_id, name)
     sweep_path = f"{storage}/{name}"
     if resume:
         if parent is None:
-            raise ConfigError(f"--resume {name}: no sweep of that name in MLflow experiment {base.method} ({uri})")
+            hint = "" if sequence is not None else "; a sweep over a sequence also needs its --tasks FILE"
+            raise ConfigError(f"--resume {name}: no sweep of that name in MLflow experiment {experiment} "
+                              f"({uri}){hint}")
         if not tune.Tuner.can_restore(sweep_path):
             raise ConfigError(f"--resume {name}: no Tune state at {sweep_path}")
-        stored = _download_text(uri, parent.info.run_id, "sweep.json")
-        state = json.loads(stored)
+        state = json.loads(_download_text(uri, parent.info.run_id, "sweep.json"))
         base = ResolvedConfig.model_validate(state["base"])
         space = state["space"]
         settings = SweepSettings(**state["settings"])
+        if state.get("sequence") is not None:
+            sequence = SequenceConfig.model_validate(state["sequence"])
+            overrides = state.get("overrides") or {}
         parent_id = parent.info.run_id
         tracking.reopen_run(uri, parent_id)
     elif parent is not None:
         raise ConfigError(f"--name {name}: a sweep of that name exists; use --resume {name} or another name")
-    encoder = check_inputs(base)
+    if sequence is not None:
+        for cfg in task_configs(sequence, base.method, overrides or {}, f"sequence {sequence.name}"):
+            encoder = check_inputs(cfg)  # every task's data, and the cached domain encoder
+        progress = Progress("tasks_learned", len(sequence.tasks))
+    else:
+        encoder = check_inputs(base)
+        progress = Progress("step", base.run.steps)
     source = source_for(base.task, tracking_uri=uri, storage=storage)
     if not resume:
         parent_id = tracking.start_run(uri, exp_id, name, tags={
-            tracking.TAG_KIND: "sweep", tracking.TAG_TASK: base.task.name, tracking.TAG_METHOD: base.method})
+            tracking.TAG_KIND: "sweep", tracking.TAG_TASK: sequence.name if sequence is not None else base.task.name,
+            tracking.TAG_METHOD: base.method})
         params = {f"sweep.{k}": (json.dumps(v) if isinstance(v, list) else str(v))
                   for k, v in settings.__dict__.items()}
         params.update({f"space.{k}": json.dumps(v) for k, v in space.items()})
         params.update({f"base.{k}": v for k, v in base.flat_params().items()})
         tracking.log_params(uri, parent_id, params)
-        tracking.log_text(uri, parent_id, json.dumps({"base": base.model_dump(mode="json"), "space": space,
-                                                      "settings": settings.__dict__}, indent=2), "sweep.json")
+        tracking.log_text(uri, parent_id, json.dumps({
+            "base": base.model_dump(mode="json"), "space": space, "settings": settings.__dict__,
+            "sequence": sequence.model_dump(mode="json") if sequence is not None else None,
+            "overrides": overrides or {}}, indent=2), "sweep.json")
         tracking.log_text(uri, parent_id, base.to_yaml(), "base_config.yaml")
 
     on_gpu = settings.gpus_per_trial > 0
-    static = {
-        "base": base.model_dump(mode="json"), "source": source, "domain_encoder": encoder, "tracking_uri": uri,
-        "shipped": ship(adaptation_job(base, source, encoder)),  # object refs of the driver's local files
-        "experiment_id": exp_id,
-        "parent_run_id": parent_id, "sweep_name": name, "trials_storage": f"{sweep_path}/trials",
-        "cpus_per_worker": settings.cpus_per_trial if settings.cpus_per_trial is not None else (1.0 if on_gpu else 0.99),
-        "gpus_per_worker": settings.gpus_per_trial,
-    }
+    cpus = settings.cpus_per_trial if settings.cpus_per_trial is not None else (1.0 if on_gpu else 0.99)
+    common = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id, "sweep_name": name,
+              "trials_storage": f"{sweep_path}/trials"}
+    if sequence is not None:
+        # the trial's tasks run through run_job, which takes its resources from the run settings
+        hardware = {"run.cpus_per_worker": cpus, "run.use_gpu": on_gpu}
+        if on_gpu:
+            hardware["run.gpus_per_worker"] = settings.gpus_per_trial
+        static = {**common, "sequence": sequence.model_dump(mode="json"), "method": base.method,
+                  "overrides": {**(overrides or {}), **hardware}}
+        driver = sequence_trial
+    else:
+        static = {
+            **common, "base": base.model_dump(mode="json"), "source": source, "domain_encoder": encoder,
+            "shipped": ship(adaptation_job(base, source, encoder)),  # object refs of the driver's local files
+            "cpus_per_worker": cpus, "gpus_per_worker": settings.gpus_per_trial,
+        }
+        driver = trial_driver
     # The trial driver holds 1% of a CPU: the rest is for its Train workers (STACK.md).
-    trainable = tune.with_resources(functools.partial(trial_driver, static=static), {"CPU": 0.01})
-    callbacks = [_trial_status_callback(uri, exp_id, parent_id, base.run.steps)]
+    trainable = tune.with_resources(functools.partial(driver, static=static), {"CPU": 0.01})
+    callbacks = [_trial_status_callback(uri, exp_id, parent_id, progress)]
     try:
         if resume:
             tuner = tune.Tuner.restore(sweep_path, trainable=trainable, resume_unfinished=True,
@@ -245,7 +307,7 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
                 tune_config=tune.TuneConfig(
                     # a space of constants only (e.g. repeated runs) needs no Optuna
                     search_alg=_searcher(settings) if any(isinstance(v, dict) for v in space.values()) else None,
-                    scheduler=_scheduler(settings, base.run.steps), num_samples=settings.num_samples,
+                    scheduler=_scheduler(settings, progress), num_samples=settings.num_samples,
                     max_concurrent_trials=settings.max_concurrent, reuse_actors=False),
                 run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
                                           verbose=verbose,
@@ -258,21 +320,23 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
     except BaseException:
         _end_open_runs(uri, exp_id, parent_id, "FAILED")
         raise
-    trials = _collect_trials(grid, base, settings)
+    trials = _collect_trials(grid, progress, settings)
     best = _best(trials, settings) if not settings.multi_objective else None
     pareto = pareto_front(trials, settings.metrics, settings.modes) if settings.multi_objective else None
     _record_parent(uri, parent_id, trials, best, pareto, settings)
     tracking.end_run(uri, parent_id, "FINISHED")
-    return SweepResult(name, parent_id, exp_id, uri, sweep_path, trials, best, settings, pareto)
+    return SweepResult(name, parent_id, exp_id, uri, sweep_path, trials, best, settings, pareto, progress.attr)
 
 
 def _end_open_runs(uri: str, exp_id: str, parent_id: str, status: str) -> None:
-    """The sweep driver itself failed: close its parent run and every child still RUNNING."""
+    """Close a run and every descendant still RUNNING (a sweep's trials; a sequence trial's task
+    runs) when their driver cannot: the sweep driver failed, or Tune stopped the trial."""
     c = tracking.client(uri)
     for run in c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
                                                      "and attributes.status = 'RUNNING'"):
-        tracking.end_run(uri, run.info.run_id, status)
-    tracking.end_run(uri, parent_id, status)
+        _end_open_runs(uri, exp_id, run.info.run_id, status)
+    if c.get_run(parent_id).info.status == "RUNNING":
+        tracking.end_run(uri, parent_id, status)
 
 
 def _download_text(uri: str, run_id: str, artifact: str) -> str:
@@ -281,18 +345,18 @@ def _download_text(uri: str, run_id: str, artifact: str) -> str:
     return mlflow.artifacts.load_text(f"{tracking.client(uri).get_run(run_id).info.artifact_uri}/{artifact}")
 
 
-def _collect_trials(grid, base: ResolvedConfig, settings: SweepSettings) -> list[dict[str, Any]]:
+def _collect_trials(grid, progress: Progress, settings: SweepSettings) -> list[dict[str, Any]]:
     """One row per Tune trial. Tune's own trial objects carry the id even for a trial that failed
     before its first report (a ``Result`` would not); ``_experiment_analysis`` is where the
     ResultGrid keeps them."""
     out = []
     for trial in grid._experiment_analysis.trials:
         metrics = trial.last_result or {}
-        step = metrics.get("step")
+        step = metrics.get(progress.attr)
         if trial.status == "ERROR":
             status = "FAILED"
         else:
-            status = "FINISHED" if step == base.run.steps else "KILLED"
+            status = "FINISHED" if step == progress.total else "KILLED"
         out.append({"trial_id": trial.trial_id, "status": status, "step": step, "config": dict(trial.config),
                     **{m: metrics.get(m) for m in settings.metrics}})
     return out

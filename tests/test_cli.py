@@ -23,7 +23,7 @@ def test_check_task_prints_the_resolved_task():
     res = cli("check-task", str(REPO / "tasks" / "synthetic-sketch.yaml"))
     assert res.exit_code == 0
     data = yaml.safe_load(res.output)
-    assert data["target"]["shots"] == 10 and data["source"]["pretrain"]["preset"] == "small"
+    assert data["target"]["shots"] == 10 and data["source"]["pretrain"]["preset"] == "tiny"
 
 
 def test_check_task_reports_the_bad_key(tmp_path):

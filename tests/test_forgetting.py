@@ -42,3 +42,17 @@ def test_single_task_and_shape_errors():
     with pytest.raises(ValueError, match="square"):
         summarize(np.zeros((2, 3)), "fid_domain")
     assert np.isnan(empty_matrix(2)).all()
+
+
+def test_prefix_summary_is_the_summary_of_the_learned_tasks():
+    from orchestrator.lifelong import prefix_summary
+
+    R = {"fid_domain": np.array([[10.0, math.nan, math.nan],
+                                 [14.0, 20.0, math.nan],
+                                 [18.0, 25.0, 30.0]])}
+    first = prefix_summary(R, 0)  # one task learned: nothing to forget yet
+    assert first == {"avg_final_fid_domain": 10.0, "forgetting_fid_domain": 0.0, "bwt_fid_domain": 0.0}
+    assert prefix_summary(R, 1)["avg_final_fid_domain"] == pytest.approx(17.0)
+    assert prefix_summary(R, 1)["forgetting_fid_domain"] == pytest.approx(4.0)
+    whole = {k: v for k, v in summarize(R["fid_domain"], "fid_domain").items() if "_task" not in k}
+    assert prefix_summary(R, 2) == whole
