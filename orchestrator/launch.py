@@ -53,6 +53,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
+def quiet_train_logs():
+    """Ray Train's console logging at WARNING: its INFO lines ("Reporting training result ...",
+    "Checkpoint successfully created ...", one each per report) drowned our progress lines.
+    They are still in Ray Train's log files under the session's logs/train/."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="WARNING")
+
+
 def worker_cpus(run: dict[str, Any]) -> float:
     """CPUs per Train worker when ``run.cpus_per_worker`` is not set.
 
@@ -122,7 +131,7 @@ def run_job(job: dict[str, Any], *, name: str, experiment: str, tracking_uri: st
         train_loop_config={**job, "run_id": run_id, "tracking_uri": tracking_uri},
         scaling_config=ScalingConfig(num_workers=run["num_workers"], use_gpu=run["use_gpu"],
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage,
+        run_config=RunConfig(name=name, storage_path=storage, logging_config=quiet_train_logs(),
                              checkpoint_config=CheckpointConfig(num_to_keep=run["keep_checkpoints"])),
     )
     try:

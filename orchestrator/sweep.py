@@ -20,14 +20,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import tracking
 from orchestrator.config import ConfigError, ResolvedConfig, apply_overrides
+from orchestrator.launch import quiet_train_logs
 from orchestrator.sources import source_for
 from orchestrator.storage import storage_uri
 from orchestrator.shipping import reuse_refs, ship
 from orchestrator.train import adaptation_job, check_inputs
+
+if TYPE_CHECKING:
+    from orchestrator.lifelong import SequenceConfig
 
 TAG_SWEEP = "orchestrate.sweep"
 TAG_TRIAL = "orchestrate.trial_id"
@@ -146,7 +150,7 @@ def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:
                                                use_gpu=bool(static["gpus_per_worker"]),
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=trial_id, storage_path=static["trials_storage"], callbacks=[TuneReportCallback()],
+            name=trial_id, logging_config=quiet_train_logs(), storage_path=static["trials_storage"], callbacks=[TuneReportCallback()],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
     )
     # Only a normal end is recorded here: when Tune stops or loses a trial, this function is
@@ -215,7 +219,7 @@ def default_sweep_name(base: ResolvedConfig) -> str:
 
 def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettings, *,
               name: str | None = None, resume: bool = False, tracking_uri: str | None = None,
-              storage: str | None = None, verbose: int = 1, sequence: Any = None,
+              storage: str | None = None, verbose: int = 1, sequence: SequenceConfig | None = None,
               overrides: dict[str, Any] | None = None) -> SweepResult:
     """Sweep ``space`` around ``base``. With ``sequence`` (a ``SequenceConfig``) every trial
     learns the whole lifelong sequence (``base`` is then its first task's config, ``overrides``
@@ -223,7 +227,7 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
     (``avg_final_fid_domain`` by default): the sweep lives in the sequence's MLflow experiment."""
     from ray import tune
 
-    from orchestrator.lifelong import SequenceConfig, experiment_name, task_configs
+    from orchestrator.lifelong import SequenceConfig, experiment_name, task_configs  # noqa: F811
     from orchestrator.space import to_tune
 
     settings.validate()

@@ -9,6 +9,7 @@ loop continues from its step.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -117,6 +118,19 @@ def _save_checkpoint(method, folder: Path, extra: dict[str, Any]) -> None:
                folder / STATE_FILE)
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs "Reporting training result ..." (every metric of every report) at INFO on a
+    logger named after its module's file, outside the ``ray.train`` tree that ``LoggingConfig``
+    quiets (orchestrator.launch.quiet_train_logs): raise that one logger to WARNING."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(job: dict[str, Any]) -> None:
     import ray
     import ray.train
@@ -125,6 +139,7 @@ def train_loop(job: dict[str, Any]) -> None:
     from trainers.data import to_tensor
     from trainers.diffusion.backbone import random_batch
 
+    _quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run = job["run"]
@@ -199,9 +214,11 @@ def train_loop(job: dict[str, Any]) -> None:
                 buffer.flush()
             if rank == 0:  # live progress in the driver's console (Ray forwards worker output)
                 shown = {k: report[k] for k in ("loss", "fid_domain", "intra_dist_domain") if k in report}
-                print(f"[{job.get('name', job['kind'])}] step {step + 1}/{steps} "
-                      + " ".join(f"{k} {v:.4g}" for k, v in shown.items())
-                      + f" ({report['steps_per_s']:.2f} steps/s)", flush=True)
+                # Not print(): Ray Train patches it to log as well as print, which shows every line twice.
+                sys.stdout.write(f"[{job.get('name', job['kind'])}] step {step + 1}/{steps} "
+                                 + " ".join(f"{k} {v:.4g}" for k, v in shown.items())
+                                 + f" ({report['steps_per_s']:.2f} steps/s)\n")
+                sys.stdout.flush()
             if last and rank == 0:
                 # Before the final report: a scheduler may stop the trial as soon as it sees it.
                 finish(job, method, log)
