@@ -227,7 +227,13 @@ def best(
 
     varying = sorted({k for r in runs for k in r.data.params if k.startswith(("method_config.", "run.steps"))
                       and len({x.data.params.get(k) for x in runs}) > 1})
-    table = Table("rank", "run", "task", metric, *[k.split(".", 1)[1] for k in varying])
+    table = Table("rank")
+    # the run name is what users copy: never cut, however narrow the terminal (the rest wraps)
+    table.add_column("run", no_wrap=True, min_width=max(len(r.info.run_name or "") for r in runs))
+    table.add_column("task", overflow="fold")
+    table.add_column(metric, no_wrap=True, min_width=len(metric))
+    for k in varying:
+        table.add_column(k.split(".", 1)[1], overflow="fold")
     for i, r in enumerate(runs, 1):
         table.add_row(str(i), r.info.run_name, r.data.tags.get(TAG_TASK, "-"), f"{r.data.metrics[metric]:.4g}",
                       *[r.data.params.get(k, "-") for k in varying])

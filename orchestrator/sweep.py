@@ -141,6 +141,8 @@ def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:
         tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
     job = {**reuse_refs(adaptation_job(cfg, static["source"], static["domain_encoder"]), static["shipped"]),
            "run_id": run_id, "tracking_uri": uri}
+    # the worker sizes its torch threads from the CPUs it holds
+    job["run"] = {**job["run"], "cpus_per_worker": static["cpus_per_worker"]}
     resources = {"CPU": static["cpus_per_worker"]}
     if static["gpus_per_worker"]:
         resources["GPU"] = static["gpus_per_worker"]
