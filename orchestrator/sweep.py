@@ -129,6 +129,11 @@ def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:
     cfg = apply_overrides(base, params, where="trial")
     uri, exp_id, parent = static["tracking_uri"], static["experiment_id"], static["parent_run_id"]
     existing = tracking.find_run(uri, exp_id, trial_id, parent)
+    if existing is not None and existing.info.status == "FINISHED":
+        # The trial finished (and said so in MLflow) but the sweep was killed before Tune saved
+        # that in its state: give Tune the recorded result instead of training it again.
+        tune.report({**existing.data.metrics, "step": cfg.run.steps})
+        return
     if existing is not None:  # the trial is resumed after the sweep was interrupted
         run_id = existing.info.run_id
         tracking.reopen_run(uri, run_id)
