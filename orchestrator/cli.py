@@ -28,8 +28,27 @@ STORAGE_HELP = "run storage: a folder or s3://bucket/prefix (default: ./runs)"
 ADDRESS_HELP = "Ray cluster address (auto, ray://host:10001); default: $RAY_ADDRESS or a local Ray"
 
 
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="show full tracebacks")) -> None:
+    """Few-shot and lifelong generator adaptation on Ray, recorded in MLflow.
+
+    Exit codes: 0 done; 1 a run failed while training; 2 bad input or a request refused before
+    anything started (one line says which key, value or resource); 130 interrupted (the run is
+    recorded KILLED and resumes with the same command)."""
+    import os
+
+    _DEBUG["on"] = debug or bool(os.environ.get("ORCHESTRATE_DEBUG"))
+    if _DEBUG["on"]:
+        os.environ["ORCHESTRATE_DEBUG"] = "1"  # Ray forwards the workers' output (orchestrator.raycluster)
+
+
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    from orchestrator.redact import redact_text
+
+    err.print(f"[bold red]error:[/] {redact_text(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -42,14 +61,45 @@ def _print_result(res, what: str) -> None:
     table.add_row("MLflow run id", res.run_id)
     table.add_row("MLflow", res.tracking_uri)
     table.add_row("checkpoints", res.run_dir)
-    if res.checkpoint_path:
-        table.add_row("last checkpoint", res.checkpoint_path)
-    for k in ("loss", "loss_simple", "step"):
+    if res.export is not None:
+        table.add_row("exported model", f"{res.export.uri} ({res.export.short()})")
+    for k in ("loss", "fid_domain", "intra_dist_domain", "target_rate_domain", "step"):
         if res.metrics and k in res.metrics:
             table.add_row(k, f"{res.metrics[k]:.4g}")
     console.print(f"[bold green]{what} done.[/]")
     console.print(table)
-    console.print(f"Browse: [bold]{ui_hint(res.tracking_uri)}[/]  (experiment {res.experiment_id})")
+    console.print(f"Browse: [bold]{ui_hint(res.tracking_uri, res.experiment_id, res.run_id)}[/]", soft_wrap=True)
+
+
+def _session(address: str | None, body, preflight=None):
+    """Run ``preflight()`` (no Ray yet), then start/connect Ray and run ``body(preflight's
+    result)``; turn the errors users cause into one line and an exit code, Ctrl-C into KILLED +
+    exit 130, and always shut down the Ray instance this command started."""
+    from orchestrator import interrupts
+    from orchestrator.raycluster import init_ray, shutdown
+
+    started = False
+    previous = interrupts.install()
+    try:
+        checked = _guard(preflight) if preflight is not None else None
+        started = init_ray(address)
+        interrupts.install()  # after ray.init, which installs its own SIGTERM handler
+        return _guard(lambda: body(checked))
+    except KeyboardInterrupt:
+        what, resume = interrupts.describe()
+        msg = "interrupted"
+        if what:
+            msg += f": {what} is recorded KILLED in MLflow; to resume it, run the same command again"
+            if resume:
+                msg += f" ({resume})"
+        err.print(f"[bold yellow]{msg}[/]", highlight=False)
+        raise typer.Exit(130)
+    finally:
+        try:
+            shutdown(started)
+        except KeyboardInterrupt:
+            shutdown(started)
+        interrupts.restore(previous)
 
 
 @app.command()
@@ -70,7 +120,7 @@ def train(
 ) -> None:
     """Adapt a source generator to a few-shot task with METHOD (one Ray Train run)."""
     from orchestrator.config import parse_overrides, resolve
-    from orchestrator.launch import init_ray
+    from orchestrator.train import preflight
     from orchestrator.train import train as run_train
 
     try:
@@ -85,17 +135,14 @@ def train(
         cfg = resolve(method, task_file=task_file, config_file=config, overrides=overrides)
     except ConfigError as exc:
         _fail(str(exc))
-    started = init_ray(address)
-    try:
-        res = _guard(lambda: run_train(cfg, name=name, tracking_uri=tracking_uri, storage=storage,
-                                       restart=restart))
-    finally:
-        _shutdown(started)
+    res = _session(address, lambda checked: run_train(checked[0], name=name, tracking_uri=checked[1],
+                                                      storage=checked[2], restart=restart),
+                   preflight=lambda: preflight(cfg, tracking_uri=tracking_uri, storage=storage, address=address))
     if res.already_finished:
         console.print(f"Run [bold]{res.name}[/] already FINISHED (MLflow run {res.run_id}); "
                       "nothing to do. Use --restart to train it again or --name for a new run.")
         return
-    _print_result(res, f"{method} on {cfg.task.name}")
+    _print_result(res, f"{method} on {res.name}")
 
 
 @app.command()
@@ -116,8 +163,9 @@ def sweep(
     seed: int = typer.Option(0, help="seed of the Optuna sampler"),
     steps: Optional[int] = typer.Option(None, help="steps per trial (run.steps)"),
     workers: Optional[int] = typer.Option(None, help="Ray Train workers per trial"),
-    cpus_per_trial: Optional[float] = typer.Option(None, help="CPUs per trial worker (default 0.99 on CPU)"),
+    cpus_per_trial: Optional[float] = typer.Option(None, help="CPUs per trial worker (default 1)"),
     gpus_per_trial: float = typer.Option(0.0, help="GPUs per trial worker; fractions share a GPU"),
+    max_failures: int = typer.Option(2, help="retries of a trial whose process or node died"),
     name: Optional[str] = typer.Option(None, help="sweep name (default: sweep-METHOD-TASK-time)"),
     resume: Optional[str] = typer.Option(None, help="continue the interrupted sweep NAME"),
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
@@ -125,16 +173,16 @@ def sweep(
     address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
 ) -> None:
     """Search METHOD's loss weights, timesteps and learning rate with Optuna in Ray Tune; every
-    trial is a Ray Train run and an MLflow child run of the sweep. With --tasks SEQUENCE every
-    trial learns a whole lifelong sequence (a Ray Train run per task) and is ranked by the
-    sequence's summary."""
+    trial is a training run (in the trial's own process; a TorchTrainer with --workers > 1) and an
+    MLflow child run of the sweep. With --tasks SEQUENCE every trial learns a whole lifelong
+    sequence and is ranked by the sequence's summary."""
     from orchestrator.config import parse_overrides, resolve
-    from orchestrator.launch import init_ray
     from orchestrator.lifelong import load_sequence, task_configs
     from orchestrator.space import build_space
     from orchestrator.sweep import SweepSettings, default_objective, run_sweep
 
     sequence = None
+    task_cfg = None
     try:
         overrides = parse_overrides(set_)
         for key, value in (("run.num_workers", workers), ("run.steps", steps)):
@@ -144,28 +192,57 @@ def sweep(
             if task is not None:
                 raise ConfigError("--task and --tasks: give one task or one sequence, not both")
             sequence = load_sequence(tasks)
-            base = task_configs(sequence, method, overrides, str(tasks))[0]
+            configs = task_configs(sequence, method, overrides, str(tasks))
+            base = configs[0]
             default = ([SEQUENCE_METRIC[0]], [SEQUENCE_METRIC[1]])
         else:
             base = resolve(method, task_file=task or DEFAULT_TASK, overrides=overrides)
+            configs = [base]
             default = default_objective(base)
+            task_cfg = base.task if (resume and task) else None
         metrics, modes = (metric, mode) if metric else default
         if metric and not mode:
             modes = ["min"] * len(metric)
         settings = SweepSettings(num_samples=num_samples, max_concurrent=max_concurrent, metrics=list(metrics),
                                  modes=list(modes), scheduler=scheduler, grace_period=grace_period, seed=seed,
-                                 cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
+                                 cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+                                 max_failures=max_failures)
         settings.validate()
         sp = build_space(base, space)
     except ConfigError as exc:
         _fail(str(exc))
-    started = init_ray(address)
-    try:
-        res = _guard(lambda: run_sweep(base, sp, settings, name=resume or name, resume=resume is not None,
-                                       tracking_uri=tracking_uri, storage=storage, sequence=sequence,
-                                       overrides=overrides))
-    finally:
-        _shutdown(started)
+
+    def checks():
+        from orchestrator.inputs import check_data, check_metric_networks
+        from orchestrator.preflight import check_all
+        from orchestrator.raycluster import check_resources, local_shape
+        from orchestrator.train import early_source_check
+
+        import os
+
+        check_all(tracking_uri, storage)
+        if resume:
+            return base
+        checked = early_source_check(base)
+        for cfg in configs:
+            check_data(cfg.task)
+            check_metric_networks(cfg)
+        if not (address or os.environ.get("RAY_ADDRESS")):
+            check_resources(base.run.num_workers, settings.cpus, settings.gpus_per_trial, local_shape(),
+                            what="each trial")
+        return checked
+
+    def body(checked_base):
+        from orchestrator.raycluster import check_resources, cluster_shapes
+
+        if not resume:
+            check_resources(base.run.num_workers, settings.cpus, settings.gpus_per_trial, cluster_shapes(),
+                            what="each trial")
+        return run_sweep(checked_base, sp, settings, name=resume or name, resume=resume is not None,
+                         tracking_uri=tracking_uri, storage=storage, sequence=sequence, overrides=overrides,
+                         task=task_cfg)
+
+    res = _session(address, body, preflight=checks)
     _print_sweep(res, res.settings, method)  # on --resume, the sweep's own stored settings
 
 
@@ -186,8 +263,8 @@ def _print_sweep(res, settings, method: str) -> None:
         console.print(f"[bold green]Pareto front[/] ({len(res.pareto)} trials): "
                       + "; ".join(t["trial_id"] for t in res.pareto))
     console.print(f"Sweep [bold]{res.name}[/]: MLflow parent run {res.parent_run_id}; Tune state {res.path}")
-    console.print(f"Browse: [bold]{ui_hint(res.tracking_uri)}[/]  ·  best configs: "
-                  f"[bold]orchestrate best {method}[/]")
+    console.print(f"Browse: [bold]{ui_hint(res.tracking_uri, res.experiment_id)}[/]  ·  best configs: "
+                  f"[bold]orchestrate best {method}[/]", soft_wrap=True)
 
 
 def _short(v) -> str:
@@ -253,13 +330,13 @@ def pretrain(
     family: str = typer.Argument("ddpm", help="generator family: ddpm or stylegan2"),
     task: str = typer.Option(DEFAULT_TASK, "--task", "-t", help=TASK_HELP),
     force: bool = typer.Option(False, help="pretrain again even if a cached model exists"),
+    export: Optional[Path] = typer.Option(None, help="also copy the pretrained source model to this folder"),
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
     storage: Optional[str] = typer.Option(None, help=STORAGE_HELP),
     address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
 ) -> None:
     """Pretrain (once, cached) the source model that a task's `source.pretrain` block describes."""
     from orchestrator.config import load_task
-    from orchestrator.launch import init_ray
     from orchestrator.sources import cached_source_path, is_ready, pretrain_source
 
     if family not in ("ddpm", "stylegan2"):
@@ -275,14 +352,43 @@ def pretrain(
     folder = cached_source_path(t)
     if is_ready(t, folder) and not force:
         console.print(f"Source model already cached: [bold]{folder}[/] (use --force to retrain)")
+        _copy_export(folder, export)
         return
-    started = init_ray(address)
-    try:
-        folder, res = _guard(lambda: pretrain_source(t, tracking_uri=tracking_uri, storage=storage, force=force))
-    finally:
-        _shutdown(started)
-    _print_result(res, "pretraining")
-    console.print(f"Source model: [bold]{folder}[/]")
+
+    def checks():
+        import os
+
+        from orchestrator.inputs import load_set
+        from orchestrator.preflight import check_all
+        from orchestrator.raycluster import check_resources, local_shape
+
+        uri, store = check_all(tracking_uri, storage)
+        spec = t.source.pretrain
+        from trainers.data import load_images
+        from orchestrator.storage import data_cache_dir
+
+        load_images(spec.data, t.resolution, count=spec.count, seed=spec.seed, cache_dir=data_cache_dir())
+        if not (address or os.environ.get("RAY_ADDRESS")):
+            check_resources(1, 1.0, 0.0, local_shape(), what="pretraining")
+        return uri, store
+
+    ref, res = _session(address, lambda checked: pretrain_source(t, tracking_uri=checked[0], storage=checked[1],
+                                                                 force=force), preflight=checks)
+    if res is not None:
+        _print_result(res, "pretraining")
+    console.print(f"Source model: [bold]{folder}[/] (in the run storage: {ref.uri})")
+    _copy_export(folder, export)
+
+
+def _copy_export(folder: Path, export: Optional[Path]) -> None:
+    if export is None:
+        return
+    import shutil
+
+    if export.exists():
+        shutil.rmtree(export)
+    shutil.copytree(folder, export)
+    console.print(f"Copied to [bold]{export}[/]")
 
 
 @app.command()
@@ -298,21 +404,36 @@ def lifelong(
     """Learn a stream of few-shot tasks in order; after each, evaluate every earlier task and
     report the matrices R[k, j], forgetting, backward transfer and the parameter cost per task."""
     from orchestrator.config import parse_overrides
-    from orchestrator.launch import init_ray
     from orchestrator.lifelong import load_sequence, run_lifelong, task_configs
 
     try:
         seq = load_sequence(tasks)
         overrides = parse_overrides(set_)
-        task_configs(seq, method, overrides, str(tasks))  # validate everything before Ray starts
+        configs = task_configs(seq, method, overrides, str(tasks))  # validate everything before Ray starts
     except (ConfigError, KeyError) as exc:
         _fail(str(exc.args[0] if isinstance(exc, KeyError) else exc))
-    started = init_ray(address)
-    try:
-        res = _guard(lambda: run_lifelong(seq, method, overrides=overrides, name=name, tracking_uri=tracking_uri,
-                                          storage=storage, where=str(tasks)))
-    finally:
-        _shutdown(started)
+
+    def checks():
+        import os
+
+        from orchestrator.inputs import check_data, check_metric_networks
+        from orchestrator.preflight import check_all
+        from orchestrator.raycluster import check_resources, local_shape
+        from orchestrator.train import early_source_check, run_resources
+
+        uri, store = check_all(tracking_uri, storage)
+        early_source_check(configs[0])
+        for cfg in configs:
+            check_data(cfg.task)
+            check_metric_networks(cfg)
+        if not (address or os.environ.get("RAY_ADDRESS")):
+            check_resources(*run_resources(configs[0]), local_shape(), what="each task's run")
+        return uri, store
+
+    res = _session(address, lambda checked: run_lifelong(seq, method, overrides=overrides, name=name,
+                                                         tracking_uri=checked[0], storage=checked[1],
+                                                         where=str(tasks)),
+                   preflight=checks)
     _print_lifelong(res)
 
 
@@ -360,7 +481,9 @@ def check_task(task: str = typer.Argument(..., help=TASK_HELP)) -> None:
         t = load_task(task)
     except ConfigError as exc:
         _fail(str(exc))
-    console.print(yaml.safe_dump(t.model_dump(mode="json"), sort_keys=False), highlight=False)
+    from orchestrator.redact import redact
+
+    console.print(yaml.safe_dump(redact(t.model_dump(mode="json")), sort_keys=False), highlight=False)
 
 
 @app.command()
@@ -368,19 +491,16 @@ def demo(
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
     storage: Optional[str] = typer.Option(None, help=STORAGE_HELP),
 ) -> None:
-    """The embedded default end to end: pretrain the synthetic source DDPM (cached after the first
-    time), adapt it to ten shots of the synthetic `sketch` domain, and say where the results are."""
+    """The embedded default end to end: adapt the shipped synthetic source DDPM to ten shots of the
+    synthetic `sketch` domain, and say where the results are."""
     from orchestrator.config import resolve
-    from orchestrator.launch import init_ray
+    from orchestrator.train import preflight
     from orchestrator.train import train as run_train
 
     t0 = time.time()
     cfg = resolve("ddpm_finetune", task_file=DEFAULT_TASK)
-    started = init_ray()
-    try:
-        res = _guard(lambda: run_train(cfg, tracking_uri=tracking_uri, storage=storage))
-    finally:
-        _shutdown(started)
+    res = _session(None, lambda checked: run_train(checked[0], tracking_uri=checked[1], storage=checked[2]),
+                   preflight=lambda: preflight(cfg, tracking_uri=tracking_uri, storage=storage, address=None))
     if res.already_finished:
         console.print(f"The demo run {res.name} is already FINISHED (MLflow run {res.run_id}).")
     else:
@@ -388,20 +508,76 @@ def demo(
     console.print(f"Demo finished in {time.time() - t0:.0f} s.")
 
 
-def _guard(fn):
-    """Turn the errors users cause (bad data, bad source) into a clear message and exit code 1."""
-    from trainers.data import DataError
-    from trainers.diffusion.backbone import SourceModelError
+@app.command()
+def runs(
+    method: Optional[str] = typer.Argument(None, help="only this method's experiment (default: every experiment)"),
+    status: Optional[str] = typer.Option(None, help="only runs with this status (RUNNING, FINISHED, ...)"),
+    top: int = typer.Option(20, help="how many, newest first"),
+    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+) -> None:
+    """List recorded runs, newest first. A RUNNING run whose owner stopped sending heartbeats (a
+    killed CLI, a lost node) is shown as RUNNING (stale): the next invocation takes it over."""
+    from orchestrator import lease, tracking
 
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    c = tracking.client(uri)
+    exps = [c.get_experiment_by_name(method)] if method else c.search_experiments()
+    exps = [e for e in exps if e is not None]
+    if not exps:
+        _fail(f"no MLflow experiment {method!r} in {uri}", code=1)
+    flt = f"attributes.status = '{status.upper()}'" if status else ""
+    found = c.search_runs([e.experiment_id for e in exps], filter_string=flt,
+                          order_by=["attributes.start_time DESC"], max_results=top)
+    names = {e.experiment_id: e.name for e in exps}
+    table = Table("run", "experiment", "kind", "status", "started")
+    for r in found:
+        st = r.info.status
+        lease_state = lease.state(r)
+        if lease_state == "stale":
+            st += " (stale)"
+        elif lease_state == "live":
+            info = lease.read(r)
+            st += f" ({info.owner})"
+        table.add_row(r.info.run_name or r.info.run_id, names.get(r.info.experiment_id, "?"),
+                      r.data.tags.get(tracking.TAG_KIND, "-"), st,
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r.info.start_time / 1000)))
+    console.print(table)
+
+
+def _guard(fn):
+    """Turn the errors users cause (bad input, refused requests) into one line and exit code 2;
+    a failure while training into one line and exit code 1 (the traceback with --debug)."""
+    from orchestrator.lease import RunBusyError
+    from trainers.common import SourceModelError
+    from trainers.data import DataError
+    from trainers.metrics import MissingWeightsError
+
+    user_errors = (ConfigError, DataError, SourceModelError, MissingWeightsError, RunBusyError, PermissionError)
     try:
         return fn()
-    except (ConfigError, DataError, SourceModelError) as exc:
-        _fail(str(exc), code=1)
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        raise
+    except user_errors as exc:
+        if _DEBUG["on"]:
+            raise
+        _fail(str(exc), code=2)
     except Exception as exc:
         cause = _root_cause(exc)
-        if isinstance(cause, (DataError, SourceModelError, ConfigError)):
-            _fail(str(cause), code=1)
-        raise
+        if isinstance(cause, user_errors) and not _DEBUG["on"]:
+            _fail(str(cause), code=2)
+        if isinstance(cause, KeyboardInterrupt):
+            raise KeyboardInterrupt from exc
+        from orchestrator import interrupts
+
+        if interrupts.requested():
+            raise KeyboardInterrupt from exc
+        if _DEBUG["on"]:
+            raise
+        what, _ = interrupts.describe()
+        _fail(f"{what + ' ' if what else ''}failed: {type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
+              " (recorded FAILED in MLflow; rerun with --debug for the traceback)", code=1)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -413,13 +589,6 @@ def _root_cause(exc: BaseException) -> BaseException:
             break
         exc = nxt
     return exc
-
-
-def _shutdown(started: bool) -> None:
-    if started:
-        import ray
-
-        ray.shutdown()
 
 
 def main() -> None:

@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """Invalid configuration; the message names the file (or flag), the key and what was expected."""
 
 
+class InputError(ConfigError):
+    """Bad input found before anything starts (data, source model, URIs, resources); exit code 2."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -43,6 +47,8 @@ class PretrainSpec(_Strict):
     lr: float | None = Field(1e-3, gt=0, description="null: the pretrainer's own default")
     seed: int = 0
     encoder_steps: int = Field(300, ge=1, description="SimCLR steps of the domain encoder (metrics)")
+    pretrainer: str | None = Field(None, description="which pretrainer (trainers.registry.PRETRAINERS); "
+                                   "null: the family's plain one")
 
 
 class SourceSpec(_Strict):
@@ -53,6 +59,8 @@ class SourceSpec(_Strict):
         "cached), or a diffusers folder, a .pt checkpoint, or a Hub id already on disk",
     )
     pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
+    resize_to_source: bool = Field(False, description="true: the task takes the source model's resolution "
+                                   "(its images are resized to it); false: a different resolution is an error")
 
 
 class DataSpec(_Strict):
@@ -90,7 +98,10 @@ class RunSettings(_Strict):
     """Engineering settings of one run (not the method's science)."""
 
     steps: int = Field(300, ge=1, description="optimisation steps")
-    report_every: int = Field(50, ge=1, description="steps between reports, metric flushes and checkpoints")
+    report_every: int = Field(50, ge=1, description="steps between reports (metrics to MLflow and the scheduler)")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="steps between checkpoints (a multiple of report_every); default: every "
+        "report for a single run, ASHA's rungs and the end for a sweep trial")
     sample_every: int = Field(100, ge=1, description="steps between sample grids in MLflow")
     grid_size: int = Field(16, ge=1, description="images in a sample grid")
     grid_sample_steps: int = Field(25, ge=1, description="sampling steps for the periodic grids")
@@ -102,6 +113,16 @@ class RunSettings(_Strict):
         "cores of the largest node shared among the workers (orchestrator.launch.worker_cpus)")
     gpus_per_worker: float = Field(1.0, gt=0, description="only with use_gpu; fractions share a GPU")
     keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=-1, description="restarts of a run whose worker died (from its last "
+                              "checkpoint, same MLflow run); -1 = unlimited")
+    start_timeout_s: float = Field(300.0, gt=0, description="a worker group that cannot start within this "
+                                   "time fails the run (e.g. no node can ever hold it)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="autocast of the network forwards: auto = the method's choice on CUDA "
+        "(bf16 for diffusion, fp32 for StyleGAN2), fp32 on the CPU")
+    channels_last: bool = Field(False, description="channels_last memory format for the networks and batches")
+    compile: bool = Field(False, description="torch.compile the method's networks")
+    tf32: bool = Field(True, description="TF32 matmuls/convolutions on Ampere+ GPUs")
     metrics: list[str] = Field(["domain"], description="feature networks for the metrics: domain "
                                "(the project's own encoder), inception, lpips_vgg, lpips_alex")
     eval_every: int | None = Field(None, ge=0, description="steps between evaluations (a multiple of "
@@ -125,6 +146,9 @@ class RunSettings(_Strict):
         if self.eval_every and self.eval_every % self.report_every:
             raise ValueError(f"eval_every ({self.eval_every}) must be a multiple of report_every "
                              f"({self.report_every}): metrics are evaluated when they are reported")
+        if self.checkpoint_every and self.checkpoint_every % self.report_every:
+            raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of report_every "
+                             f"({self.report_every}): checkpoints are taken with a report")
         return self
 
 
@@ -259,18 +283,25 @@ class ResolvedConfig(BaseModel):
     def method_settings(self) -> MethodConfig:
         return get_method(self.method).Config.model_validate(self.method_config)
 
+    def public_dump(self) -> dict[str, Any]:
+        """The config as JSON-able data with every secret redacted (orchestrator.redact): what is
+        recorded anywhere (MLflow params, config.yaml, sweep.json, Tune's state)."""
+        from orchestrator.redact import redact
+
+        return redact(self.model_dump(mode="json"))
+
     def fingerprint(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        blob = json.dumps(self.public_dump(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
     def default_name(self) -> str:
         return f"{self.method}-{self.task.name}-{self.fingerprint()}"
 
     def flat_params(self) -> dict[str, str]:
-        return flatten(self.model_dump(mode="json"))
+        return flatten(self.public_dump())
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.public_dump(), sort_keys=False)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -361,6 +392,11 @@ def resolve(method: str, task_file: str | Path | None = None, config_file: str |
             str(task_file),
         )
     resolved = apply_overrides(resolved, overrides or {}) if overrides else resolved
+    from orchestrator.redact import has_redacted
+
+    if has_redacted(resolved.task.model_dump(mode="json")):
+        raise ConfigError(f"{config_file}: task: holds redacted secrets (storage_options are never recorded); "
+                          "give the task file again with --task FILE, or put the credentials in the environment")
     try:
         check_family(method, resolved.task.source.family)
     except ValueError as exc:

@@ -1,18 +1,29 @@
-"""The driver side of one run: MLflow run lifecycle around a Ray Train ``TorchTrainer``.
+"""The driver side of one run: its MLflow run, its lease, and the launcher that trains it.
 
-Resuming is by name: a run's Ray storage folder and its MLflow run are both keyed by the run
-name, so invoking the same run again continues from the last checkpoint (Ray Train V2 restores
-``ray.train.get_checkpoint()`` from the run folder) and keeps logging into the same MLflow run.
+Resuming is by name: a run's checkpoints (``<storage>/<name>``) and its MLflow run are both keyed
+by the run name, so invoking the same run again continues from the last checkpoint and keeps
+logging into the same MLflow run. A FINISHED run is not trained again (``restart`` does).
+
+Launchers (one loop, ``orchestrator.loop.run_loop``, behind each):
+
+* ``"train"`` — a Ray Train ``TorchTrainer`` (any number of workers, on any node). Its
+  ``FailureConfig`` restarts dead workers from the last checkpoint inside the same MLflow run
+  (``run.max_failures``); a worker group that cannot be placed within ``run.start_timeout_s``
+  fails the run instead of waiting forever.
+* ``"inprocess"`` — the loop runs in the calling process (which already holds the resources: a
+  Tune trial), checkpoints in the run storage (``StoreSession``).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from orchestrator import tracking
-from orchestrator.shipping import ship
+from orchestrator.artifacts import ArtifactRef
+from orchestrator.job import Job
+from orchestrator.lease import Lease
 from orchestrator.storage import remove_run_dir, storage_uri
 
 # Train polls its workers every 2 s by default; metrics then arrive seconds late (STACK.md).
@@ -27,7 +38,7 @@ class LaunchResult:
     status: str
     tracking_uri: str
     storage_path: str
-    checkpoint_path: str | None = None
+    export: ArtifactRef | None = None
     resumed: bool = False
     already_finished: bool = False
     metrics: dict[str, Any] | None = None
@@ -35,22 +46,6 @@ class LaunchResult:
     @property
     def run_dir(self) -> str:
         return f"{self.storage_path}/{self.name}"
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local instance sized to this
-    machine. Returns True when this call started Ray (so the caller shuts it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
-    return True
 
 
 def quiet_train_logs():
@@ -82,71 +77,120 @@ def worker_cpus(run: dict[str, Any]) -> float:
     return float(max(1, int(min(largest, total // max(1, run["num_workers"])))))
 
 
-def run_job(job: dict[str, Any], *, name: str, experiment: str, tracking_uri: str | None = None,
-            storage: str | None = None, params: dict[str, str] | None = None,
-            config_yaml: str | None = None, tags: dict[str, str] | None = None,
-            restart: bool = False, parent_run_id: str | None = None) -> LaunchResult:
-    """Run (or resume) one job as a Ray Train run recorded in one MLflow run."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def export_of(metrics: dict[str, Any] | None) -> ArtifactRef | None:
+    raw = (metrics or {}).get("export")
+    return ArtifactRef.model_validate_json(raw) if raw else None
 
-    from orchestrator.worker import train_loop
 
-    tracking_uri = tracking.resolve_tracking_uri(tracking_uri)
-    storage = storage_uri(storage)
-    exp_id = tracking.get_or_create_experiment(tracking_uri, experiment)
-    existing = tracking.find_run(tracking_uri, exp_id, name, parent_run_id)
-    if restart:
+def _finished_export(run) -> ArtifactRef | None:
+    raw = run.data.tags.get("orchestrate.export")
+    return ArtifactRef.model_validate_json(raw) if raw else None
+
+
+def run_job(job: Job, *, experiment: str, tracking_uri: str | None = None,
+            params: dict[str, str] | None = None, config_yaml: str | None = None,
+            tags: dict[str, str] | None = None, restart: bool = False, parent_run_id: str | None = None,
+            lease: bool = True, launcher: Literal["train", "inprocess"] = "train") -> LaunchResult:
+    """Run (or resume) one job, recorded in one MLflow run. ``lease``: this invocation owns the
+    run (a top-level command); runs nested in a sweep or a sequence are covered by their parent's."""
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    storage = storage_uri(job.storage)
+    name = job.name
+    exp_id = tracking.get_or_create_experiment(uri, experiment)
+    existing = tracking.find_run(uri, exp_id, name, parent_run_id)
+    if restart and existing is not None:
+        if lease:
+            Lease(uri, existing.info.run_id, f"run {name}").acquire().release()  # refuse if live
         remove_run_dir(storage, name)
-        if existing is not None and existing.info.status == "RUNNING":
-            tracking.end_run(tracking_uri, existing.info.run_id, "KILLED")
+        if existing.info.status == "RUNNING":
+            tracking.end_run(uri, existing.info.run_id, "KILLED")
         existing = None
     if existing is not None and existing.info.status == "FINISHED":
-        return LaunchResult(name, existing.info.run_id, exp_id, "FINISHED", tracking_uri, storage,
-                            already_finished=True, metrics=dict(existing.data.metrics))
+        return LaunchResult(name, existing.info.run_id, exp_id, "FINISHED", uri, storage,
+                            export=_finished_export(existing), already_finished=True,
+                            metrics=dict(existing.data.metrics))
     resumed = existing is not None
-    if resumed:
-        run_id = existing.info.run_id
-        tracking.reopen_run(tracking_uri, run_id)
-    else:
-        run_id = tracking.start_run(tracking_uri, exp_id, name, tags=tags, parent_run_id=parent_run_id)
-        if params:
-            tracking.log_params(tracking_uri, run_id, params)
-        if config_yaml:
-            tracking.log_text(tracking_uri, run_id, config_yaml, "config.yaml")
+    run_id = existing.info.run_id if resumed else tracking.start_run(uri, exp_id, name, tags=tags,
+                                                                       parent_run_id=parent_run_id)
+    held = Lease(uri, run_id, f"run {name!r} (MLflow run {run_id})").acquire() if lease else None
+    try:
+        if resumed:
+            tracking.reopen_run(uri, run_id)
+        else:
+            if params:
+                tracking.log_params(uri, run_id, params)
+            if config_yaml:
+                tracking.log_text(uri, run_id, config_yaml, "config.yaml")
+        job = job.model_copy(update={"tracking_uri": uri, "run_id": run_id, "storage": storage})
+        try:
+            if launcher == "inprocess":
+                metrics = _run_in_process(job)
+            else:
+                metrics = _run_with_train(job, uri, run_id, experiment, resumed)
+        except KeyboardInterrupt:
+            tracking.end_run(uri, run_id, "KILLED")
+            raise
+        except BaseException:
+            tracking.end_run(uri, run_id, "FAILED")
+            raise
+        export = export_of(metrics)
+        c = tracking.client(uri)
+        c.set_tag(run_id, "orchestrate.run_dir", f"{storage}/{name}")
+        tracking.end_run(uri, run_id, "FINISHED")
+    finally:
+        if held is not None:
+            held.release()
+    return LaunchResult(name, run_id, exp_id, "FINISHED", uri, storage, export=export, resumed=resumed,
+                        metrics={k: v for k, v in (metrics or {}).items() if k != "export"})
 
-    job = {**ship(job), "name": name}  # the driver's local files reach workers on other nodes
-    job["run"] = {**job["run"], "cpus_per_worker": worker_cpus(job["run"])}
-    print(f"[orchestrate] {'resuming' if resumed else 'starting'} {name}: {job['run']['steps']} steps on "
-          f"{job['run']['num_workers']} Ray Train worker(s) × {job['run']['cpus_per_worker']:g} CPU"
-          f"{'+GPU' if job['run']['use_gpu'] else ''}; MLflow run {run_id} (experiment {experiment!r})",
-          flush=True)
-    run = job["run"]
-    tracking.client(tracking_uri).set_tag(run_id, "orchestrate.cpus_per_worker", f"{run['cpus_per_worker']:g}")
-    resources = {"CPU": run["cpus_per_worker"]}
-    if run["use_gpu"]:
-        resources["GPU"] = run["gpus_per_worker"]
+
+def _run_in_process(job: Job) -> dict[str, Any]:
+    import ray
+    import torch
+
+    from orchestrator.loop import run_loop
+    from orchestrator.session import StoreSession
+
+    on_gpu = ray.is_initialized() and bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+    session = StoreSession(job.storage, job.name, device="cuda:0" if on_gpu else "cpu",
+                           keep=job.run.keep_checkpoints,
+                           node_id=ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local")
+    return run_loop(job, session).metrics
+
+
+def _run_with_train(job: Job, uri: str, run_id: str, experiment: str, resumed: bool) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.loop import train_loop
+
+    run = job.run.model_copy(update={"cpus_per_worker": worker_cpus(job.run.model_dump())})
+    job = job.model_copy(update={"run": run})
+    print(f"[orchestrate] {'resuming' if resumed else 'starting'} {job.name}: {run.steps} steps on "
+          f"{run.num_workers} Ray Train worker(s) × {run.cpus_per_worker:g} CPU"
+          f"{f' + {run.gpus_per_worker:g} GPU' if run.use_gpu else ''}; MLflow run {run_id} "
+          f"(experiment {experiment!r})", flush=True)
+    tracking.client(uri).set_tag(run_id, "orchestrate.cpus_per_worker", f"{run.cpus_per_worker:g}")
+    resources = {"CPU": run.cpus_per_worker}
+    if run.use_gpu:
+        resources["GPU"] = run.gpus_per_worker
+    # Read by the Train controller (Ray propagates it with the trainer): a worker group that
+    # cannot be placed fails after this long instead of retrying forever.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(run.start_timeout_s)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={**job, "run_id": run_id, "tracking_uri": tracking_uri},
-        scaling_config=ScalingConfig(num_workers=run["num_workers"], use_gpu=run["use_gpu"],
+        train_loop_config={"job": job.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage, logging_config=quiet_train_logs(),
-                             checkpoint_config=CheckpointConfig(num_to_keep=run["keep_checkpoints"])),
+        run_config=RunConfig(
+            name=job.name, storage_path=job.storage, logging_config=quiet_train_logs(),
+            checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
+            # dead workers (a killed process, a reclaimed node) restart from the last checkpoint;
+            # a group that cannot start is not retried (controller_failure_limit=0)
+            failure_config=FailureConfig(max_failures=run.max_failures, controller_failure_limit=0)),
     )
-    try:
+    from orchestrator.progress import ProgressPrinter
+
+    with ProgressPrinter(uri, run_id, job.name, run.steps):
         result = trainer.fit()
-    except KeyboardInterrupt:
-        tracking.end_run(tracking_uri, run_id, "KILLED")
-        raise
-    except BaseException:
-        tracking.end_run(tracking_uri, run_id, "FAILED")
-        raise
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    c = tracking.client(tracking_uri)
-    if checkpoint:
-        c.set_tag(run_id, "orchestrate.checkpoint", checkpoint)
-    c.set_tag(run_id, "orchestrate.run_dir", f"{storage}/{name}")
-    tracking.end_run(tracking_uri, run_id, "FINISHED")
-    return LaunchResult(name, run_id, exp_id, "FINISHED", tracking_uri, storage, checkpoint,
-                        resumed=resumed, metrics=dict(result.metrics or {}))
+    return dict(result.metrics or {})

@@ -25,16 +25,20 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator import tracking
+from orchestrator import interrupts, tracking
+from orchestrator.artifacts import ArtifactRef, publish
 from orchestrator.config import (
     ConfigError, ReferenceSpec, RunSettings, SourceSpec, TargetSpec, TaskConfig, apply_overrides,
     format_validation_error, validate_resolved,
 )
 from orchestrator.forgetting import empty_matrix, summarize
-from orchestrator.launch import run_job
-from orchestrator.sources import source_for
-from orchestrator.storage import cache_home
-from orchestrator.train import _data, adaptation_job
+from orchestrator.inputs import Inputs, check_data, check_source, make_job
+from orchestrator.job import EvalTask
+from orchestrator.launch import export_of, run_job
+from orchestrator.lease import Lease
+from orchestrator.redact import redact
+from orchestrator.sources import ResolvedSource, domain_encoder_for, resolve_source
+from orchestrator.storage import storage_uri
 
 RESULT_PREFIX = "r_"
 
@@ -138,106 +142,175 @@ def prefix_summary(R: dict[str, np.ndarray], k: int) -> dict[str, float]:
     return {key: v for key, v in out.items() if "_task" not in key}
 
 
+@dataclass
+class SequenceInputs:
+    """What every task of a sequence needs, prepared once by the driver: the shared source and
+    domain encoder, and each task's published shots and reference set."""
+
+    source: ResolvedSource
+    encoder: ArtifactRef | None
+    tasks: list[tuple[ArtifactRef, ArtifactRef | None]]
+
+    def inputs(self, k: int, source: ResolvedSource | None = None) -> Inputs:
+        data, reference = self.tasks[k]
+        return Inputs(source=source or self.source, data=data, reference=reference, domain_encoder=self.encoder)
+
+    def eval_tasks(self, upto: int) -> list[EvalTask]:
+        return [EvalTask(index=j, task_id=j, shots=self.tasks[j][0], reference=self.tasks[j][1])
+                for j in range(upto + 1)]
+
+    def to_static(self) -> dict[str, Any]:
+        def dump(r):
+            return r.model_dump() if r is not None else None
+
+        return {"source": dump(self.source.ref), "hub_id": self.source.hub_id, "encoder": dump(self.encoder),
+                "tasks": [[dump(d), dump(r)] for d, r in self.tasks]}
+
+    @classmethod
+    def from_static(cls, d: dict[str, Any]) -> "SequenceInputs":
+        def load(r):
+            return ArtifactRef.model_validate(r) if r else None
+
+        return cls(ResolvedSource(load(d["source"]), d.get("hub_id"), None), load(d["encoder"]),
+                   [(load(a), load(b)) for a, b in d["tasks"]])
+
+
+def prepare_sequence(seq: SequenceConfig, configs: list, *, storage: str, tracking_uri: str | None,
+                     lease: bool = True) -> SequenceInputs:
+    """Check and publish every task's data, the shared source and the domain encoder (driver)."""
+    from orchestrator.artifacts import publish_array
+    from orchestrator.inputs import check_metric_networks
+
+    tasks = []
+    for cfg in configs:
+        shots, reference = check_data(cfg.task)
+        check_metric_networks(cfg)
+        tasks.append((publish_array(shots, storage),
+                      publish_array(reference, storage) if reference is not None else None))
+    encoder = None
+    if "domain" in configs[0].run.metrics:
+        encoder = publish(domain_encoder_for(configs[0].task), storage)
+    source = resolve_source(configs[0].task, tracking_uri=tracking_uri, storage=storage, lease=lease)
+    check_source(configs[0], source.local, source.hub_id)
+    return SequenceInputs(source, encoder, tasks)
+
+
 def run_lifelong(seq: SequenceConfig, method: str, *, overrides: dict[str, Any] | None = None,
                  name: str | None = None, tracking_uri: str | None = None, storage: str | None = None,
                  where: str = "sequence", parent_run_id: str | None = None,
                  tags: dict[str, str] | None = None,
-                 on_task: Callable[[int, dict[str, float]], None] | None = None) -> LifelongResult:
+                 on_task: Callable[[int, dict[str, float]], None] | None = None,
+                 inputs: SequenceInputs | None = None, lease: bool = True,
+                 launcher: str = "train") -> LifelongResult:
     """Learn the sequence's tasks in order (resuming a run of the same name). ``parent_run_id``
     nests the sequence's MLflow run under another (a sweep's), ``on_task(k, prefix_summary)`` is
-    called after each task (a sweep trial reports it to Tune)."""
-    from orchestrator.train import check_inputs
-
+    called after each task (a sweep trial reports it to Tune). ``inputs``: prepared by the caller
+    (a sweep prepares once for all its trials); ``lease``: this invocation owns the sequence;
+    ``launcher``: how each task trains (``orchestrator.launch.run_job``)."""
     overrides = overrides or {}
     configs = task_configs(seq, method, overrides, where)
     name = name or default_name(seq, method, overrides)
     uri = tracking.resolve_tracking_uri(tracking_uri)
+    storage = storage_uri(storage)
     exp_id = tracking.get_or_create_experiment(uri, experiment_name(seq))
     parent = tracking.find_run(uri, exp_id, name, parent_run_id)
-    if parent is None:
+    fresh = parent is None
+    if fresh:
         parent_id = tracking.start_run(uri, exp_id, name, parent_run_id=parent_run_id, tags={
             tracking.TAG_KIND: "lifelong", tracking.TAG_METHOD: method, "orchestrate.sequence": seq.name,
             tracking.TAG_TASK: seq.name, **(tags or {})})
-        tracking.log_params(uri, parent_id, {"method": method, "tasks": json.dumps([t.name for t in seq.tasks]),
-                                             **{f"method_config.{k}": str(v)
-                                                for k, v in configs[0].method_config.items() if k != "task_id"},
-                                             **{f"run.{k}": str(v) for k, v in configs[0].run.model_dump().items()}})
-        tracking.log_text(uri, parent_id, yaml.safe_dump(seq.model_dump(mode="json"), sort_keys=False),
-                          "sequence.yaml")
     else:
         parent_id = parent.info.run_id
-        tracking.reopen_run(uri, parent_id)
-
+    held = Lease(uri, parent_id, f"lifelong run {name!r} (MLflow run {parent_id})").acquire() if lease else None
+    if lease:
+        interrupts.current(f"lifelong run {name}", f"orchestrate lifelong --tasks <sequence file> --method {method} "
+                           f"--name {name}")
     try:
-        encoder = None
-        for cfg in configs:
-            encoder = check_inputs(cfg) or encoder
-        previous = source_for(configs[0].task, tracking_uri=uri, storage=storage)
-        K = len(configs)
-        metrics: list[str] = []
-        R: dict[str, np.ndarray] = {}
-        params_per_task = 0
-        exports = cache_home() / "lifelong" / name
-        for k, cfg in enumerate(configs):
-            child_name = f"{name}-task{k}-{seq.tasks[k].name}"
-            export_dir = exports / f"task{k}"
-            child = tracking.find_run(uri, exp_id, child_name, parent_id)
-            if child is not None and child.info.status == "FINISHED" and export_dir.exists():
-                row = dict(child.data.metrics)
-                print(f"[orchestrate] task {k} ({seq.tasks[k].name}) already learned: kept", flush=True)
-            else:
-                job = adaptation_job(cfg, previous, encoder)
-                job.update(export_dir=str(export_dir), lifelong_previous=previous if k > 0 else None,
-                           lifelong_eval=[{"index": j, "task_id": j, **_eval_sets(configs[j])} for j in range(k + 1)])
-                res = run_job(job, name=child_name, experiment=experiment_name(seq), tracking_uri=uri,
-                              storage=storage, params=cfg.flat_params(), config_yaml=cfg.to_yaml(),
-                              parent_run_id=parent_id,
-                              tags={tracking.TAG_KIND: "lifelong-task", tracking.TAG_TASK: cfg.task.name,
-                                    tracking.TAG_METHOD: method, "orchestrate.task_index": str(k)})
-                row = dict(res.metrics or {})
-                if not export_dir.exists():
-                    raise RuntimeError(f"task {k} finished but its model is not at {export_dir}")
-            params_per_task = max(params_per_task, int(row.get("trainable_parameters", 0)))
-            for key, value in row.items():
-                if key.startswith(RESULT_PREFIX) and "_task" in key:
-                    metric, j = key[len(RESULT_PREFIX):].rsplit("_task", 1)
-                    if metric not in R:
-                        R[metric] = empty_matrix(K)
-                        metrics.append(metric)
-                    R[metric][k, int(j)] = value
-            previous = str(export_dir)
-            partial = prefix_summary(R, k)
-            buf = tracking.MetricBuffer(uri, parent_id)  # curves over "tasks learned" in MLflow
-            buf.add({key: v for key, v in partial.items() if not math.isnan(v)}, k + 1)
-            buf.flush()
-            if on_task is not None and k < K - 1:  # the last one after everything is recorded
-                try:
-                    on_task(k, partial)
-                except BaseException:  # the caller stopped the sequence (Tune's scheduler): not a failure
-                    tracking.end_run(uri, parent_id, "KILLED")
-                    raise
-        summary = {}
-        for metric in metrics:
-            summary.update(summarize(R[metric], metric))
-        summary["trainable_parameters_per_task"] = float(params_per_task)
-        _record(uri, parent_id, seq, R, summary)
+        if fresh:
+            tracking.log_params(uri, parent_id, {"method": method, "tasks": json.dumps([t.name for t in seq.tasks]),
+                                                 **{f"method_config.{k}": str(v)
+                                                    for k, v in configs[0].method_config.items() if k != "task_id"},
+                                                 **{f"run.{k}": str(v) for k, v in configs[0].run.model_dump().items()}})
+            tracking.log_text(uri, parent_id, yaml.safe_dump(redact(seq.model_dump(mode="json")), sort_keys=False),
+                              "sequence.yaml")
+        else:
+            tracking.reopen_run(uri, parent_id)
+        if inputs is None:
+            inputs = prepare_sequence(seq, configs, storage=storage, tracking_uri=uri, lease=lease)
+        result = _learn(seq, method, configs, name=name, uri=uri, storage=storage, exp_id=exp_id,
+                        parent_id=parent_id, inputs=inputs, on_task=on_task, launcher=launcher)
     except KeyboardInterrupt:
         tracking.end_run(uri, parent_id, "KILLED")
         raise
     except BaseException:
         if tracking.client(uri).get_run(parent_id).info.status == "RUNNING":
-            tracking.end_run(uri, parent_id, "FAILED")
+            tracking.end_run(uri, parent_id, interrupts.status_after_error())
         raise
-    tracking.end_run(uri, parent_id, "FINISHED")
+    finally:
+        if held is not None:
+            held.release()
     if on_task is not None:
         # a sweep's scheduler may stop the trial at this report: nothing may be left to do after it
-        on_task(K - 1, prefix_summary(R, K - 1))
+        on_task(len(configs) - 1, prefix_summary(result.matrices, len(configs) - 1))
+    return result
+
+
+def _learn(seq: SequenceConfig, method: str, configs: list, *, name: str, uri: str, storage: str, exp_id: str,
+           parent_id: str, inputs: SequenceInputs, on_task, launcher: str) -> LifelongResult:
+    K = len(configs)
+    metrics: list[str] = []
+    R: dict[str, np.ndarray] = {}
+    params_per_task = 0
+    previous: ArtifactRef | None = None
+    for k, cfg in enumerate(configs):
+        child_name = f"{name}-task{k}-{seq.tasks[k].name}"
+        child = tracking.find_run(uri, exp_id, child_name, parent_id)
+        export = _export_tag(child) if child is not None and child.info.status == "FINISHED" else None
+        if export is not None:
+            row = dict(child.data.metrics)
+            print(f"[orchestrate] task {k} ({seq.tasks[k].name}) already learned: kept", flush=True)
+        else:
+            source = inputs.source if k == 0 else ResolvedSource(previous, None, None)
+            job = make_job(cfg, inputs.inputs(k, source), name=child_name, storage=storage,
+                           previous=previous, lifelong_eval=inputs.eval_tasks(k))
+            res = run_job(job, experiment=experiment_name(seq), tracking_uri=uri, params=cfg.flat_params(),
+                          config_yaml=cfg.to_yaml(), parent_run_id=parent_id, lease=False, launcher=launcher,
+                          tags={tracking.TAG_KIND: "lifelong-task", tracking.TAG_TASK: cfg.task.name,
+                                tracking.TAG_METHOD: method, "orchestrate.task_index": str(k)})
+            row = dict(res.metrics or {})
+            export = res.export
+            if export is None:
+                raise RuntimeError(f"task {k} finished but recorded no exported model")
+        params_per_task = max(params_per_task, int(row.get("trainable_parameters", 0)))
+        for key, value in row.items():
+            if key.startswith(RESULT_PREFIX) and "_task" in key:
+                metric, j = key[len(RESULT_PREFIX):].rsplit("_task", 1)
+                if metric not in R:
+                    R[metric] = empty_matrix(K)
+                    metrics.append(metric)
+                R[metric][k, int(j)] = value
+        previous = export
+        partial = prefix_summary(R, k)
+        buf = tracking.MetricBuffer(uri, parent_id)  # curves over "tasks learned" in MLflow
+        buf.add({key: v for key, v in partial.items() if not math.isnan(v)}, k + 1)
+        buf.flush()
+        if on_task is not None and k < K - 1:  # the last one after everything is recorded
+            try:
+                on_task(k, partial)
+            except BaseException:  # the caller stopped the sequence (Tune's scheduler): not a failure
+                tracking.end_run(uri, parent_id, "KILLED")
+                raise
+    summary = {}
+    for metric in metrics:
+        summary.update(summarize(R[metric], metric))
+    summary["trainable_parameters_per_task"] = float(params_per_task)
+    _record(uri, parent_id, seq, R, summary)
+    tracking.end_run(uri, parent_id, "FINISHED")
     return LifelongResult(name, parent_id, uri, [t.name for t in seq.tasks], R, summary, params_per_task)
 
 
-def _eval_sets(cfg) -> dict[str, Any]:
-    t, ref = cfg.task.target, cfg.task.reference
-    return {"data": _data(t, t.shots, t.seed), "reference": _data(ref, ref.count, ref.seed) if ref else None}
+def _export_tag(run) -> ArtifactRef | None:
+    return export_of({"export": run.data.tags.get("orchestrate.export")})
 
 
 def _record(uri: str, parent_id: str, seq: SequenceConfig, R: dict[str, np.ndarray], summary: dict[str, float]) -> None:

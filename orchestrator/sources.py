@@ -1,16 +1,44 @@
-"""Source models: the project's own pretrained DDPM is trained once per pretrain spec and cached;
-any other source (diffusers folder, .pt, Hub id on disk) is used as given."""
+"""Source models and the domain encoder, resolved once by the driver into content-keyed artifacts.
+
+A task's ``source.model`` is one of:
+
+* ``builtin`` — the small sources this repository ships for the built-in synthetic domains
+  (``trainers/builtin``: trained by ``orchestrate pretrain``, recipe beside them);
+* ``pretrained`` — the project's own source, trained from ``source.pretrain`` once: looked up in
+  this node's cache, then under its pretraining key in the run storage (``named/sources/<key>``,
+  so another machine sharing the storage finds it), and only then pretrained (a Ray Train run on
+  any node; its export comes back through the storage);
+* a diffusers folder, a ``.pt`` checkpoint or a StyleGAN2 checkpoint on the driver's disk;
+* a Hugging Face Hub id already in every node's local HF cache.
+
+Whatever the driver has on its disk is published to the run storage; jobs carry the artifact ref
+(``orchestrator.artifacts``), so every trial of a sweep trains from the very same bytes.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.config import RunSettings, TaskConfig
+from orchestrator.artifacts import ArtifactRef, fetch, lookup, point, publish, publish_array
+from orchestrator.config import InputError, RunSettings, TaskConfig
 from orchestrator.launch import LaunchResult, run_job
-from orchestrator.storage import data_cache_dir, sources_dir
+from orchestrator.storage import data_cache_dir, sources_dir, storage_uri
 from trainers.registry import pretrainer, source_ready
+
+
+@dataclass
+class ResolvedSource:
+    ref: ArtifactRef | None
+    hub_id: str | None
+    local: Path | None  # a copy on the driver's node, for checks
+
+    def describe(self) -> str:
+        return self.hub_id or (self.ref.short() if self.ref else "?")
 
 
 def pretrain_key(task: TaskConfig) -> str:
@@ -29,53 +57,102 @@ def is_ready(task: TaskConfig, folder: Path) -> bool:
 
 
 def pretrain_source(task: TaskConfig, *, tracking_uri: str | None = None, storage: str | None = None,
-                    force: bool = False, run: RunSettings | None = None) -> tuple[Path, LaunchResult | None]:
-    """Pretrain the task's source model (DDPM or StyleGAN2) on its source domain unless it is
-    cached already. The pretraining is a Ray Train run recorded in the MLflow experiment
-    ``pretrain-<family>``."""
+                    force: bool = False, run: RunSettings | None = None,
+                    lease: bool = True) -> tuple[ArtifactRef, LaunchResult | None]:
+    """The task's own source model (DDPM or StyleGAN2, pretrained on its source domain), as an
+    artifact in the run storage: from this node's cache, from the storage, or trained now (a Ray
+    Train run recorded in the MLflow experiment ``pretrain-<family>``)."""
+    from trainers.data import load_images
+
     spec, family = task.source.pretrain, task.source.family
+    storage = storage_uri(storage)
+    key = pretrain_key(task)
     folder = cached_source_path(task)
-    if is_ready(task, folder) and not force:
-        return folder, None
+    if not force:
+        if is_ready(task, folder):
+            ref = publish(folder, storage)
+            point(storage, f"sources/{key}", ref)
+            return ref, None
+        ref = lookup(storage, f"sources/{key}")
+        if ref is not None:
+            _enter_local(fetch(ref), folder)
+            return ref, None
+    cls = pretrainer(family, spec.pretrainer)
     settings = {"preset": spec.preset, "batch_size": spec.batch_size}
     if spec.lr is not None:
         settings["lr"] = spec.lr
-    method_config = pretrainer(family).Config(**settings)
+    method_config = cls.Config(**settings)
     run = run or RunSettings(steps=spec.steps, report_every=max(1, min(250, spec.steps)),
                              sample_every=max(1, min(500, spec.steps)), seed=spec.seed)
-    name = folder.name
-    print(f"[orchestrate] pretraining the {family} source model {name} on {spec.data} "
-          f"({spec.steps} steps); it is cached in {folder} for later runs", flush=True)
-    job = {
-        "kind": "pretrain", "family": family, "method": pretrainer(family).key, "resolution": task.resolution,
-        "method_config": method_config.model_dump(mode="json"), "run": run.model_dump(),
-        "data": {"uri": spec.data, "count": spec.count, "seed": spec.seed},
-        "cache_dir": str(data_cache_dir()), "export_dir": str(folder),
-    }
+    print(f"[orchestrate] pretraining the {family} source model {key} on {spec.data} ({spec.steps} steps); "
+          f"kept in the run storage and in {folder} for later runs", flush=True)
+    images = load_images(spec.data, task.resolution, count=spec.count, seed=spec.seed, cache_dir=data_cache_dir())
+    from orchestrator.job import Job
+
+    job = Job(kind="pretrain", name=key, method=cls.key, family=family, resolution=task.resolution,
+              method_config=method_config.model_dump(mode="json"), run=run, storage=storage,
+              data=publish_array(images, storage))
     params = {f"pretrain.{k}": str(v) for k, v in spec.model_dump(mode="json").items()}
     params.update(resolution=str(task.resolution), family=family)
-    result = run_job(job, name=name, experiment=f"pretrain-{family}", tracking_uri=tracking_uri, storage=storage,
-                     params=params, tags={"orchestrate.kind": "pretrain"}, restart=force)
-    if not is_ready(task, folder):
-        # On a cluster the worker exported to its own node's disk: fetch the model artifact that
-        # it logged to MLflow instead.
-        _fetch_model_artifact(result, folder)
-    if not is_ready(task, folder):
-        raise RuntimeError(f"pretraining {name} finished but no model reached {folder}")
-    return folder, result
+    result = run_job(job, experiment=f"pretrain-{family}", tracking_uri=tracking_uri, params=params,
+                     tags={"orchestrate.kind": "pretrain"}, restart=force, lease=lease)
+    if result.export is None:
+        raise RuntimeError(f"pretraining {key} finished but recorded no exported model")
+    point(storage, f"sources/{key}", result.export)
+    _enter_local(fetch(result.export), folder)
+    return result.export, result
 
 
-def _fetch_model_artifact(result: LaunchResult, folder: Path) -> None:
-    import shutil
-    import tempfile
+def _enter_local(src: Path, folder: Path) -> None:
+    """A copy of a fetched source under its pretraining key in this node's cache."""
+    if folder.exists():
+        return
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if src.is_dir():
+        shutil.copytree(src, tmp)
+    else:
+        tmp.mkdir(parents=True)
+        shutil.copy2(src, tmp / src.name)
+    tmp.replace(folder)
 
-    from orchestrator import tracking
 
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-        local = tracking.client(result.tracking_uri).download_artifacts(result.run_id, "model", tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        Path(local).replace(folder)
+def _is_hub_id(spec: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", spec)) and not Path(spec).exists()
+
+
+def locate_source(task: TaskConfig) -> tuple[Path | None, str | None]:
+    """(path on this node, Hub id) of a source that needs no pretraining: ``builtin``, a path, or
+    a Hub id; ``InputError`` when it is none of them."""
+    model = task.source.model
+    if model == "builtin" or model.startswith("builtin:"):
+        from trainers.builtin import builtin_source
+        from trainers.common import SourceModelError
+
+        try:
+            return builtin_source(task.source.family, task.resolution, model), None
+        except SourceModelError as exc:
+            raise InputError(str(exc)) from None
+    path = Path(model).expanduser()
+    if path.exists():
+        return path, None
+    if _is_hub_id(model):
+        return None, model
+    raise InputError(f"source.model: {model} does not exist (expected 'builtin', 'pretrained', a diffusers "
+                     "folder, a .pt checkpoint, a StyleGAN2 checkpoint, or a Hub id in the local cache)")
+
+
+def resolve_source(task: TaskConfig, *, tracking_uri: str | None = None, storage: str | None = None,
+                   lease: bool = True) -> ResolvedSource:
+    """The task's source model as an artifact (or a Hub id), pretraining it first when needed."""
+    storage = storage_uri(storage)
+    if task.source.model == "pretrained":
+        ref, _ = pretrain_source(task, tracking_uri=tracking_uri, storage=storage, lease=lease)
+        return ResolvedSource(ref, None, fetch(ref))
+    path, hub_id = locate_source(task)
+    if path is not None:
+        return ResolvedSource(publish(path, storage), None, path)
+    return ResolvedSource(None, hub_id, None)
 
 
 def encoder_path(task: TaskConfig) -> Path:
@@ -87,9 +164,15 @@ def encoder_path(task: TaskConfig) -> Path:
 
 
 def domain_encoder_for(task: TaskConfig) -> Path:
-    """The domain encoder of the task's source domain: trained once, self-supervised (SimCLR), on
-    the source-domain images of ``source.pretrain.data`` and cached beside the source models.
-    Metrics named ``*_domain`` are computed in its feature space."""
+    """The domain encoder of the task's source domain (on this node): the shipped one of the
+    built-in synthetic domains, else trained once, self-supervised (SimCLR), on the images of
+    ``source.pretrain.data`` and cached beside the source models. Metrics named ``*_domain`` are
+    computed in its feature space."""
+    from trainers.builtin import builtin_encoder
+
+    shipped = builtin_encoder(task)
+    if shipped is not None:
+        return shipped
     path = encoder_path(task)
     if path.is_file():
         return path
@@ -111,11 +194,3 @@ def domain_encoder_for(task: TaskConfig) -> Path:
     encoder.save(tmp)
     tmp.replace(path)
     return path
-
-
-def source_for(task: TaskConfig, **kwargs) -> str:
-    """The path (or id) of the task's source model, pretraining it first when needed."""
-    if task.source.model != "pretrained":
-        return task.source.model
-    folder, _ = pretrain_source(task, **kwargs)
-    return str(folder)

@@ -83,6 +83,10 @@ def build_space(base: ResolvedConfig, space_file: str | Path | None = None) -> d
     if not space:
         raise ConfigError(f"{where}: the search space is empty")
     for key, spec in space.items():
+        if key.startswith("task."):
+            raise ConfigError(f"{where}: {key}: a sweep's trials share one task (its data, source and "
+                              "reference statistics are prepared once); sweep over method or run settings, "
+                              "and run one sweep per task")
         validate_param(key, spec, where)
         for value in corner_values(spec):
             try:

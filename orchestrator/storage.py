@@ -1,12 +1,20 @@
-"""Where things are kept: run storage (a local folder or ``s3://...``) and the local caches.
+"""Where things are kept: run storage (a local folder or ``s3://...``) and the node-local caches.
 
-Ray Train/Tune get a storage path plus, for ``s3://`` URIs, nothing else: pyarrow reads the
-endpoint and credentials from the standard AWS environment (``AWS_ENDPOINT_URL`` ...).
+The run storage is the one place every node of a cluster can read and write (Ray Train and Tune
+keep their checkpoints there; ``orchestrator.artifacts`` publishes source models, encoders, data
+and exports there). On a cluster it must be ``s3://...`` (or another fsspec URL that every node
+reaches); a local folder works on one machine. For ``s3://`` URIs the endpoint and credentials
+come from the standard AWS environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...) or the
+instance role: nothing secret is passed on the command line or recorded.
+
+The cache (``ORCHESTRATE_CACHE``, default ``~/.cache/orchestrate``) is per node: decoded data,
+fetched artifacts. Nothing in it is ever read by another node.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 DEFAULT_STORAGE = "runs"
@@ -26,8 +34,38 @@ def storage_uri(uri: str | None) -> str:
     return str(Path(uri).expanduser().resolve())
 
 
+def join(base: str, *parts: str) -> str:
+    """``base/part/...`` for local paths and URLs alike."""
+    out = base.rstrip("/")
+    for p in parts:
+        out += "/" + p.strip("/")
+    return out
+
+
+def filesystem(uri: str):
+    """(fsspec filesystem, path inside it) of a storage URI or local path."""
+    import fsspec
+
+    if is_remote(uri):
+        return fsspec.core.url_to_fs(uri)
+    return fsspec.filesystem("file"), str(Path(uri).expanduser().resolve())
+
+
+def check_writable(uri: str, what: str) -> None:
+    """Raise ``PermissionError`` naming ``what`` and ``uri`` when nothing can be written there."""
+    fs, root = filesystem(uri)
+    probe = join(root, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except Exception as exc:  # PermissionError, botocore errors, read-only file systems ...
+        raise PermissionError(f"{what} {uri} is not writable ({type(exc).__name__}: {exc})") from None
+
+
 def cache_home() -> Path:
-    """Local cache of decoded data and pretrained source models (``ORCHESTRATE_CACHE`` overrides)."""
+    """This node's cache of decoded data and fetched artifacts (``ORCHESTRATE_CACHE`` overrides)."""
     root = os.environ.get("ORCHESTRATE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "orchestrate")
     path = Path(root).expanduser().resolve()
@@ -49,14 +87,6 @@ def sources_dir() -> Path:
 
 def remove_run_dir(storage: str, name: str) -> None:
     """Delete one run's folder under the storage (``--restart``)."""
-    if is_remote(storage):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(storage)
-        target = f"{root}/{name}"
-        if fs.exists(target):
-            fs.rm(target, recursive=True)
-    else:
-        import shutil
-
-        shutil.rmtree(Path(storage) / name, ignore_errors=True)
+    fs, root = filesystem(join(storage, name))
+    if fs.exists(root):
+        fs.rm(root, recursive=True)

@@ -1,14 +1,23 @@
-"""``orchestrate sweep``: Ray Tune + Optuna over a method's space; every trial is a Ray Train run.
+"""``orchestrate sweep``: Ray Tune + Optuna over a method's space; every trial is one training run.
 
-Shape (the current Ray pattern, STACK.md): a Tune *function trainable* is the trial driver. It
-holds a sliver of a CPU (so that it never starves its own workers on a small machine) and
-launches a ``TorchTrainer`` whose workers report through ``TuneReportCallback``. Optuna (TPE, or
-NSGA-II for several objectives) proposes configs, ASHA stops weak trials early.
+Shape: a Tune *function trainable* is the trial. A single-worker trial (the common few-shot case)
+runs the training loop (``orchestrator.loop``) right in the trial's own process, which holds the
+worker's CPU/GPU (a fraction of a GPU is fine): no worker group per trial, imports, the source
+model and the metric networks stay loaded between trials (``reuse_actors``), and it reports and
+checkpoints through Tune. A multi-worker trial launches a ``TorchTrainer`` from the trial (its
+workers report through ``TuneReportCallback``). Optuna (TPE, or NSGA-II for several objectives)
+proposes configs, ASHA stops weak trials early.
 
-MLflow: the sweep is a parent run; each trial is a child run (``mlflow.parentRunId``) created by
-its trial driver and logged to by its rank-0 worker. A Tune callback in the sweep driver sets the
-status of trials that Tune stopped (KILLED) or that errored (FAILED), since a stopped trial's
-driver is killed before it could say so itself.
+Work done once per sweep, before any trial starts: the shots and the reference set are decoded
+and published, the source model and the domain encoder are resolved to one artifact each, and
+the reference statistics are computed (``orchestrator.inputs``); every trial gets the same refs.
+
+Faults: Tune retries a trial whose process or node died from its last checkpoint
+(``--max-failures``, default 2); ``--resume NAME`` continues a killed sweep and resumes errored
+trials too. MLflow: the sweep is a parent run (holding the sweep's lease); each trial a child
+run (``mlflow.parentRunId``) created by the trial and logged to by its rank 0. A Tune callback in
+the sweep driver sets the status of trials that Tune stopped (KILLED) or that failed for good
+(FAILED).
 """
 
 from __future__ import annotations
@@ -22,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator import tracking
-from orchestrator.config import ConfigError, ResolvedConfig, apply_overrides
+from orchestrator import interrupts, tracking
+from orchestrator.config import ConfigError, ResolvedConfig, TaskConfig, apply_overrides
+from orchestrator.inputs import Inputs, make_job, prepare
+from orchestrator.lease import Lease
 from orchestrator.launch import quiet_train_logs
-from orchestrator.sources import source_for
+from orchestrator.redact import has_redacted, redact
 from orchestrator.storage import storage_uri
-from orchestrator.shipping import reuse_refs, ship
-from orchestrator.train import adaptation_job, check_inputs
 
 if TYPE_CHECKING:
     from orchestrator.lifelong import SequenceConfig
@@ -37,6 +46,8 @@ TAG_SWEEP = "orchestrate.sweep"
 TAG_TRIAL = "orchestrate.trial_id"
 # Tune writes its experiment state this often (s); a killed sweep resumes from it.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+# Ctrl-C is ours (orchestrator.interrupts): the sweep is recorded KILLED and can be resumed.
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
 # The objective a sweep optimises and `best` ranks by unless told otherwise: FID in the project's
 # own domain-encoder feature space against the task's reference set (the shots when it has none).
@@ -57,8 +68,9 @@ class SweepSettings:
     grace_period: int | None = None  # steps before ASHA may stop a trial (default: 1/4 of the steps)
     reduction_factor: int = 2
     seed: int = 0
-    cpus_per_trial: float | None = None  # per worker; default 0.99 on CPU, 1 with GPUs
+    cpus_per_trial: float | None = None  # per worker; default 1
     gpus_per_trial: float = 0.0  # per worker; fractions share a GPU (e.g. 0.25)
+    max_failures: int = 2  # retries of a trial whose process or node died
 
     def validate(self) -> None:
         if len(self.metrics) != len(self.modes):
@@ -73,10 +85,16 @@ class SweepSettings:
             raise ConfigError("--num-samples and --max-concurrent must be >= 1")
         if self.gpus_per_trial < 0:
             raise ConfigError(f"--gpus-per-trial {self.gpus_per_trial}: expected >= 0")
+        if self.cpus_per_trial is not None and self.cpus_per_trial <= 0:
+            raise ConfigError(f"--cpus-per-trial {self.cpus_per_trial}: expected > 0")
 
     @property
     def multi_objective(self) -> bool:
         return len(self.metrics) > 1
+
+    @property
+    def cpus(self) -> float:
+        return self.cpus_per_trial if self.cpus_per_trial is not None else 1.0
 
 
 @dataclass
@@ -93,7 +111,17 @@ class SweepResult:
     progress: str = "step"  # what a trial's "step" column counts: steps, or tasks_learned
 
 
-def _trial_status_callback(tracking_uri: str, experiment_id: str, parent_run_id: str, progress: "Progress"):
+@dataclass
+class Progress:
+    """What a trial's reports count and when it is complete: optimisation steps of one run, or
+    tasks learned by a lifelong sequence (a sequence sweep)."""
+
+    attr: str
+    total: int
+
+
+def _trial_status_callback(tracking_uri: str, experiment_id: str, parent_run_id: str, progress: Progress,
+                           trial_ids: dict[str, str]):
     """A Tune callback (built lazily so importing this module does not import Ray)."""
     from ray.tune import Callback
 
@@ -103,26 +131,44 @@ def _trial_status_callback(tracking_uri: str, experiment_id: str, parent_run_id:
             if run is not None:
                 _end_open_runs(tracking_uri, experiment_id, run.info.run_id, status)
 
+        def on_trial_start(self, iteration, trials, trial, **info):
+            trial_ids[str(trial.path)] = trial.trial_id
+
         def on_trial_complete(self, iteration, trials, trial, **info):
-            # A trial whose last report is its final step has finished all its work (the worker
+            # A trial whose last report is its final step has finished all its work (the loop
             # exports and logs before that report) even if the scheduler stopped it right then.
             done = (trial.last_result or {}).get(progress.attr) == progress.total
             self._close(trial, "FINISHED" if done else "KILLED")
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            # called once the trial's retries (--max-failures) are used up
             self._close(trial, "FAILED")
 
     return MlflowTrialStatus()
 
 
-def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:
-    """The Tune function trainable: one trial = one Ray Train run + one MLflow child run."""
-    import ray.train
-    from ray import tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
+def _inputs_from(static: dict[str, Any]) -> Inputs:
+    from orchestrator.artifacts import ArtifactRef
+    from orchestrator.sources import ResolvedSource
 
-    from orchestrator.worker import train_loop
+    refs = {k: ArtifactRef.model_validate(v) if v else None for k, v in static["inputs"].items() if k != "hub_id"}
+    return Inputs(source=ResolvedSource(refs["source"], static["inputs"].get("hub_id"), None), data=refs["data"],
+                  reference=refs["reference"], domain_encoder=refs["domain_encoder"],
+                  reference_stats=refs["reference_stats"])
+
+
+def _inputs_to(inputs: Inputs) -> dict[str, Any]:
+    def dump(ref):
+        return ref.model_dump() if ref is not None else None
+
+    return {"source": dump(inputs.source.ref), "hub_id": inputs.source.hub_id, "data": dump(inputs.data),
+            "reference": dump(inputs.reference), "domain_encoder": dump(inputs.domain_encoder),
+            "reference_stats": dump(inputs.reference_stats)}
+
+
+def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:
+    """The Tune function trainable: one trial = one training run + one MLflow child run."""
+    from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
     base = ResolvedConfig.model_validate(static["base"])
@@ -134,66 +180,77 @@ def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:
         # that in its state: give Tune the recorded result instead of training it again.
         tune.report({**existing.data.metrics, "step": cfg.run.steps})
         return
-    if existing is not None:  # the trial is resumed after the sweep was interrupted
+    if existing is not None:  # the trial is resumed (sweep interrupted, or its process died)
         run_id = existing.info.run_id
         tracking.reopen_run(uri, run_id)
     else:
         run_id = tracking.start_run(uri, exp_id, trial_id, parent_run_id=parent, tags={
             tracking.TAG_KIND: "trial", TAG_TRIAL: trial_id, TAG_SWEEP: static["sweep_name"],
             tracking.TAG_TASK: cfg.task.name, tracking.TAG_METHOD: cfg.method,
-            "orchestrate.source": static["source"]})
+            "orchestrate.source": static["source_name"]})
         tracking.log_params(uri, run_id, cfg.flat_params())
         tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
-    job = {**reuse_refs(adaptation_job(cfg, static["source"], static["domain_encoder"]), static["shipped"]),
-           "run_id": run_id, "tracking_uri": uri}
-    # the worker sizes its torch threads from the CPUs it holds
-    job["run"] = {**job["run"], "cpus_per_worker": static["cpus_per_worker"]}
-    resources = {"CPU": static["cpus_per_worker"]}
-    if static["gpus_per_worker"]:
-        resources["GPU"] = static["gpus_per_worker"]
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=job,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers,
-                                               use_gpu=bool(static["gpus_per_worker"]),
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=trial_id, logging_config=quiet_train_logs(), storage_path=static["trials_storage"], callbacks=[TuneReportCallback()],
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
-    )
+    job = make_job(cfg, _inputs_from(static), name=trial_id, storage=static["trials_storage"],
+                   checkpoint_at=static["checkpoint_at"], run_overrides={"cpus_per_worker": static["cpus"]})
+    job = job.model_copy(update={"tracking_uri": uri, "run_id": run_id})
+    if cfg.run.num_workers == 1:
+        from orchestrator.loop import run_loop
+        from orchestrator.session import TuneSession
+
+        run_loop(job, TuneSession())
+    else:
+        _fit_torch_trainer(job, static)
+    tracking.end_run(uri, run_id, "FINISHED")
     # Only a normal end is recorded here: when Tune stops or loses a trial, this function is
     # interrupted in ways that look like errors, so the sweep driver's callback records those.
-    trainer.fit()
-    tracking.end_run(uri, run_id, "FINISHED")
 
 
-@dataclass
-class Progress:
-    """What a trial's reports count and when it is complete: optimisation steps of one run, or
-    tasks learned by a lifelong sequence (a sequence sweep)."""
+def _fit_torch_trainer(job, static: dict[str, Any]) -> None:
+    """A multi-worker trial: a TorchTrainer launched from the trial, reporting through Tune."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
 
-    attr: str
-    total: int
+    from orchestrator.loop import train_loop
+
+    run = job.run
+    resources = {"CPU": static["cpus"]}
+    if static["gpus"]:
+        resources["GPU"] = static["gpus"]
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(run.start_timeout_s)
+    TorchTrainer(
+        train_loop, train_loop_config={"job": job.model_dump(mode="json")},
+        scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=bool(static["gpus"]),
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=job.name, logging_config=quiet_train_logs(), storage_path=static["trials_storage"],
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures, controller_failure_limit=0)),
+    ).fit()
 
 
 def sequence_trial(params: dict[str, Any], *, static: dict[str, Any]) -> None:
     """The Tune function trainable of a sequence sweep: one trial = the whole lifelong sequence
-    with the trial's config (a Ray Train run per task), recorded as a lifelong MLflow run under
-    the sweep's parent. After each task it reports the summary of the tasks learned so far
-    (``avg_final_*``, ``forgetting_*``, ``bwt_*`` over tasks 0..k, ``tasks_learned`` = k+1), so
-    the objective of a finished trial is computed over the whole sequence and ASHA compares
-    trials after the same number of tasks. A resumed trial continues its sequence at the first
-    unfinished task (``run_lifelong``'s resume)."""
+    with the trial's config (each task run in this process, checkpointed in the run storage),
+    recorded as a lifelong MLflow run under the sweep's parent. After each task it reports the
+    summary of the tasks learned so far (``avg_final_*``, ``forgetting_*``, ``bwt_*`` over tasks
+    0..k, ``tasks_learned`` = k+1), so the objective of a finished trial is computed over the
+    whole sequence and ASHA compares trials after the same number of tasks. A resumed trial
+    continues its sequence at the first unfinished task (``run_lifelong``'s resume)."""
     from ray import tune
 
-    from orchestrator.lifelong import SequenceConfig, run_lifelong
+    from orchestrator.lifelong import SequenceConfig, SequenceInputs, run_lifelong
 
     trial_id = tune.get_context().get_trial_id()
     seq = SequenceConfig.model_validate(static["sequence"])
+    inputs = SequenceInputs.from_static(static["sequence_inputs"])
     run_lifelong(seq, static["method"], overrides={**static["overrides"], **params}, name=trial_id,
                  tracking_uri=static["tracking_uri"], storage=static["trials_storage"],
                  parent_run_id=static["parent_run_id"], where=f"trial {trial_id}",
                  tags={tracking.TAG_KIND: "trial", TAG_TRIAL: trial_id, TAG_SWEEP: static["sweep_name"]},
-                 on_task=lambda k, summary: tune.report({"tasks_learned": k + 1, **summary}))
+                 on_task=lambda k, summary: tune.report({"tasks_learned": k + 1, **summary}),
+                 inputs=inputs, lease=False, launcher="inprocess")
 
 
 def _searcher(settings: SweepSettings):
@@ -209,6 +266,19 @@ def _searcher(settings: SweepSettings):
     return OptunaSearch(metric=metric, mode=mode, sampler=sampler)
 
 
+def _rungs(settings: SweepSettings, progress: Progress) -> list[int]:
+    """ASHA's milestones (where it compares trials), or none for FIFO."""
+    if settings.scheduler == "fifo" or settings.multi_objective:
+        return []
+    total = progress.total
+    grace = min(settings.grace_period or max(1, total // 4), total)
+    out, t = [], grace
+    while t < total:
+        out.append(int(t))
+        t *= settings.reduction_factor
+    return out
+
+
 def _scheduler(settings: SweepSettings, progress: Progress):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -220,21 +290,42 @@ def _scheduler(settings: SweepSettings, progress: Progress):
                          max_t=total, grace_period=min(grace, total), reduction_factor=settings.reduction_factor)
 
 
+def checkpoint_steps(base: ResolvedConfig, settings: SweepSettings, progress: Progress) -> list[int] | None:
+    """Steps that checkpoint in a sweep trial: ``run.checkpoint_every`` when set, else the first
+    report at or after each ASHA rung (and the end, always)."""
+    if base.run.checkpoint_every is not None:
+        return None
+    every = base.run.report_every
+    return sorted({-(-r // every) * every for r in _rungs(settings, progress)})
+
+
 def default_sweep_name(base: ResolvedConfig) -> str:
     return f"sweep-{base.method}-{base.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _restore_secrets(stored: ResolvedConfig, task: TaskConfig | None, where: str) -> ResolvedConfig:
+    """A resumed sweep's stored base config has its secrets redacted; the task file given again
+    supplies them."""
+    if not has_redacted(stored.task.model_dump(mode="json")):
+        return stored
+    if task is None:
+        raise ConfigError(f"{where}: the sweep's task holds storage_options, which are never recorded; "
+                          "give its task file again with --task FILE")
+    return stored.model_copy(update={"task": task})
 
 
 def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettings, *,
               name: str | None = None, resume: bool = False, tracking_uri: str | None = None,
               storage: str | None = None, verbose: int = 1, sequence: SequenceConfig | None = None,
-              overrides: dict[str, Any] | None = None) -> SweepResult:
+              overrides: dict[str, Any] | None = None, task: TaskConfig | None = None) -> SweepResult:
     """Sweep ``space`` around ``base``. With ``sequence`` (a ``SequenceConfig``) every trial
     learns the whole lifelong sequence (``base`` is then its first task's config, ``overrides``
     the fixed ones of every task) and the objective is the sequence's summary
-    (``avg_final_fid_domain`` by default): the sweep lives in the sequence's MLflow experiment."""
+    (``avg_final_fid_domain`` by default): the sweep lives in the sequence's MLflow experiment.
+    ``task``: on ``resume``, the task file given again (it restores redacted storage options)."""
     from ray import tune
 
-    from orchestrator.lifelong import SequenceConfig, experiment_name, task_configs  # noqa: F811
+    from orchestrator.lifelong import SequenceConfig, experiment_name, prepare_sequence  # noqa: F811
     from orchestrator.space import to_tune
 
     settings.validate()
@@ -253,85 +344,108 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
         if not tune.Tuner.can_restore(sweep_path):
             raise ConfigError(f"--resume {name}: no Tune state at {sweep_path}")
         state = json.loads(_download_text(uri, parent.info.run_id, "sweep.json"))
-        base = ResolvedConfig.model_validate(state["base"])
+        base = _restore_secrets(ResolvedConfig.model_validate(state["base"]), task, f"--resume {name}")
         space = state["space"]
         settings = SweepSettings(**state["settings"])
         if state.get("sequence") is not None:
-            sequence = SequenceConfig.model_validate(state["sequence"])
+            stored = SequenceConfig.model_validate(state["sequence"])
+            if has_redacted(stored.model_dump(mode="json")):
+                if sequence is None:
+                    raise ConfigError(f"--resume {name}: the sequence holds storage_options, which are never "
+                                      "recorded; give its sequence file again with --tasks FILE")
+            else:
+                sequence = stored
             overrides = state.get("overrides") or {}
         parent_id = parent.info.run_id
-        tracking.reopen_run(uri, parent_id)
     elif parent is not None:
         raise ConfigError(f"--name {name}: a sweep of that name exists; use --resume {name} or another name")
-    if sequence is not None:
-        for cfg in task_configs(sequence, base.method, overrides or {}, f"sequence {sequence.name}"):
-            encoder = check_inputs(cfg)  # every task's data, and the cached domain encoder
-        progress = Progress("tasks_learned", len(sequence.tasks))
     else:
-        encoder = check_inputs(base)
-        progress = Progress("step", base.run.steps)
-    source = source_for(base.task, tracking_uri=uri, storage=storage)
-    if not resume:
         parent_id = tracking.start_run(uri, exp_id, name, tags={
             tracking.TAG_KIND: "sweep", tracking.TAG_TASK: sequence.name if sequence is not None else base.task.name,
             tracking.TAG_METHOD: base.method})
-        params = {f"sweep.{k}": (json.dumps(v) if isinstance(v, list) else str(v))
-                  for k, v in settings.__dict__.items()}
-        params.update({f"space.{k}": json.dumps(v) for k, v in space.items()})
-        params.update({f"base.{k}": v for k, v in base.flat_params().items()})
-        tracking.log_params(uri, parent_id, params)
-        tracking.log_text(uri, parent_id, json.dumps({
-            "base": base.model_dump(mode="json"), "space": space, "settings": settings.__dict__,
-            "sequence": sequence.model_dump(mode="json") if sequence is not None else None,
-            "overrides": overrides or {}}, indent=2), "sweep.json")
-        tracking.log_text(uri, parent_id, base.to_yaml(), "base_config.yaml")
-
-    on_gpu = settings.gpus_per_trial > 0
-    cpus = settings.cpus_per_trial if settings.cpus_per_trial is not None else (1.0 if on_gpu else 0.99)
-    common = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id, "sweep_name": name,
-              "trials_storage": f"{sweep_path}/trials"}
-    if sequence is not None:
-        # the trial's tasks run through run_job, which takes its resources from the run settings
-        hardware = {"run.cpus_per_worker": cpus, "run.use_gpu": on_gpu}
-        if on_gpu:
-            hardware["run.gpus_per_worker"] = settings.gpus_per_trial
-        static = {**common, "sequence": sequence.model_dump(mode="json"), "method": base.method,
-                  "overrides": {**(overrides or {}), **hardware}}
-        driver = sequence_trial
-    else:
-        static = {
-            **common, "base": base.model_dump(mode="json"), "source": source, "domain_encoder": encoder,
-            "shipped": ship(adaptation_job(base, source, encoder)),  # object refs of the driver's local files
-            "cpus_per_worker": cpus, "gpus_per_worker": settings.gpus_per_trial,
-        }
-        driver = trial_driver
-    # The trial driver holds 1% of a CPU: the rest is for its Train workers (STACK.md).
-    trainable = tune.with_resources(functools.partial(driver, static=static), {"CPU": 0.01})
-    callbacks = [_trial_status_callback(uri, exp_id, parent_id, progress)]
+    lease = Lease(uri, parent_id, f"sweep {name!r} (MLflow run {parent_id})").acquire()
+    interrupts.current(f"sweep {name}", f"orchestrate sweep {base.method} --resume {name}"
+                       + (" --tasks <sequence file>" if sequence is not None else ""))
     try:
         if resume:
-            tuner = tune.Tuner.restore(sweep_path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
+            tracking.reopen_run(uri, parent_id)
         else:
-            tuner = tune.Tuner(
-                trainable, param_space=to_tune(space),
-                tune_config=tune.TuneConfig(
-                    # a space of constants only (e.g. repeated runs) needs no Optuna
-                    search_alg=_searcher(settings) if any(isinstance(v, dict) for v in space.values()) else None,
-                    scheduler=_scheduler(settings, progress), num_samples=settings.num_samples,
-                    max_concurrent_trials=settings.max_concurrent, reuse_actors=False),
-                run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
-                                          verbose=verbose,
-                                          failure_config=tune.FailureConfig(max_failures=0)),
-            )
-        grid = tuner.fit()
+            params = {f"sweep.{k}": (json.dumps(v) if isinstance(v, list) else str(v))
+                      for k, v in settings.__dict__.items()}
+            params.update({f"space.{k}": json.dumps(v) for k, v in space.items()})
+            params.update({f"base.{k}": v for k, v in base.flat_params().items()})
+            tracking.log_params(uri, parent_id, params)
+            tracking.log_text(uri, parent_id, json.dumps(redact({
+                "base": base.model_dump(mode="json"), "space": space, "settings": settings.__dict__,
+                "sequence": sequence.model_dump(mode="json") if sequence is not None else None,
+                "overrides": overrides or {}}), indent=2), "sweep.json")
+            tracking.log_text(uri, parent_id, base.to_yaml(), "base_config.yaml")
+        result = _fit(base, space, settings, name=name, resume=resume, uri=uri, storage=storage,
+                      exp_id=exp_id, parent_id=parent_id, sweep_path=sweep_path, verbose=verbose,
+                      sequence=sequence, overrides=overrides or {})
     except KeyboardInterrupt:
         _end_open_runs(uri, exp_id, parent_id, "KILLED")
+        lease.release()
         raise
     except BaseException:
-        _end_open_runs(uri, exp_id, parent_id, "FAILED")
+        _end_open_runs(uri, exp_id, parent_id, interrupts.status_after_error())
+        lease.release()
         raise
-    trials = _collect_trials(grid, progress, settings)
+    lease.release()
+    return result
+
+
+def _fit(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettings, *, name: str, resume: bool,
+         uri: str, storage: str, exp_id: str, parent_id: str, sweep_path: str, verbose: int,
+         sequence, overrides: dict[str, Any]) -> SweepResult:
+    from ray import tune
+
+    from orchestrator.lifelong import prepare_sequence, task_configs
+    from orchestrator.space import to_tune
+
+    gpus = settings.gpus_per_trial
+    common = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id, "sweep_name": name,
+              "trials_storage": f"{sweep_path}/trials", "cpus": settings.cpus, "gpus": gpus}
+    if sequence is not None:
+        configs = task_configs(sequence, base.method, overrides, f"sequence {sequence.name}")
+        seq_inputs = prepare_sequence(sequence, configs, storage=storage, tracking_uri=uri, lease=False)
+        progress = Progress("tasks_learned", len(sequence.tasks))
+        # each task runs in the trial's process: it holds the CPU/GPU its runs compute with
+        hardware = {"run.cpus_per_worker": settings.cpus}
+        static = {**common, "sequence": redact(sequence.model_dump(mode="json")), "method": base.method,
+                  "overrides": {**overrides, **hardware}, "sequence_inputs": seq_inputs.to_static()}
+        driver, workers = sequence_trial, 1
+    else:
+        inputs = prepare(base, storage=storage, tracking_uri=uri, stats=True, lease=False)
+        progress = Progress("step", base.run.steps)
+        static = {**common, "base": base.public_dump(), "inputs": _inputs_to(inputs),
+                  "source_name": inputs.source.describe(),
+                  "checkpoint_at": checkpoint_steps(base, settings, progress)}
+        driver, workers = trial_driver, base.run.num_workers
+    if workers == 1:
+        # the trial's own process trains: it holds the worker's resources
+        resources = {"CPU": settings.cpus, **({"GPU": gpus} if gpus else {})}
+    else:
+        resources = {"CPU": 0.01}  # the trial only drives its TorchTrainer's workers
+    trainable = tune.with_resources(functools.partial(driver, static=static), resources)
+    trial_ids: dict[str, str] = {}
+    callbacks = [_trial_status_callback(uri, exp_id, parent_id, progress, trial_ids)]
+    if resume:
+        tuner = tune.Tuner.restore(sweep_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=to_tune(space),
+            tune_config=tune.TuneConfig(
+                # a space of constants only (e.g. repeated runs) needs no Optuna
+                search_alg=_searcher(settings) if any(isinstance(v, dict) for v in space.values()) else None,
+                scheduler=_scheduler(settings, progress), num_samples=settings.num_samples,
+                max_concurrent_trials=settings.max_concurrent, reuse_actors=workers == 1),
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=verbose,
+                                      failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
+        )
+    grid = tuner.fit()
+    trials = _collect_trials(grid, progress, settings, trial_ids)
     best = _best(trials, settings) if not settings.multi_objective else None
     pareto = pareto_front(trials, settings.metrics, settings.modes) if settings.multi_objective else None
     _record_parent(uri, parent_id, trials, best, pareto, settings)
@@ -356,19 +470,22 @@ def _download_text(uri: str, run_id: str, artifact: str) -> str:
     return mlflow.artifacts.load_text(f"{tracking.client(uri).get_run(run_id).info.artifact_uri}/{artifact}")
 
 
-def _collect_trials(grid, progress: Progress, settings: SweepSettings) -> list[dict[str, Any]]:
-    """One row per Tune trial. Tune's own trial objects carry the id even for a trial that failed
-    before its first report (a ``Result`` would not); ``_experiment_analysis`` is where the
-    ResultGrid keeps them."""
+def _collect_trials(grid, progress: Progress, settings: SweepSettings,
+                    trial_ids: dict[str, str]) -> list[dict[str, Any]]:
+    """One row per Tune trial, from the public ``ResultGrid``. A trial that failed before its first
+    report has no ``trial_id`` in its metrics: the status callback saw it start (``trial_ids``,
+    keyed by the trial's storage path)."""
     out = []
-    for trial in grid._experiment_analysis.trials:
-        metrics = trial.last_result or {}
+    for i in range(len(grid)):
+        result = grid[i]
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or trial_ids.get(str(result.path)) or Path(str(result.path)).name
         step = metrics.get(progress.attr)
-        if trial.status == "ERROR":
+        if result.error is not None:
             status = "FAILED"
         else:
             status = "FINISHED" if step == progress.total else "KILLED"
-        out.append({"trial_id": trial.trial_id, "status": status, "step": step, "config": dict(trial.config),
+        out.append({"trial_id": trial_id, "status": status, "step": step, "config": dict(result.config or {}),
                     **{m: metrics.get(m) for m in settings.metrics}})
     return out
 

@@ -183,12 +183,36 @@ def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifac
     client(tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
 
+def logged_step(tracking_uri: str, run_id: str, tag: str) -> int:
+    """The last step whose metrics a run recorded (its ``tag``), -1 when none."""
+    value = client(tracking_uri).get_run(run_id).data.tags.get(tag)
+    return int(value) if value is not None else -1
+
+
+def set_logged_step(tracking_uri: str, run_id: str, tag: str, step: int) -> None:
+    client(tracking_uri).set_tag(run_id, tag, str(int(step)))
+
+
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client(tracking_uri).get_metric_history(run_id, key)]
 
 
-def ui_hint(tracking_uri: str) -> str:
+def ui_hint(tracking_uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """How to browse a run. MLflow 3's UI opens an experiment on its GenAI overview unless the
+    link asks for the training-runs view (``?workflowType=machine_learning`` after the
+    experiment's fragment), so every link we print does."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+        base = tracking_uri.rstrip("/")
+    else:
+        base = None
+    path = ""
+    if experiment_id is not None:
+        path = f"/#/experiments/{experiment_id}"
+        if run_id is not None:
+            path += f"/runs/{run_id}"
+        path += "?workflowType=machine_learning"
+    if base is not None:
+        return f"open {base}{path}"
+    where = f", then open http://127.0.0.1:5000{path}" if path else ""
+    return f"mlflow ui --backend-store-uri {tracking_uri}{where}"
 

@@ -2,60 +2,73 @@
 
 from __future__ import annotations
 
-from orchestrator import tracking
-from orchestrator.config import ResolvedConfig
+import os
+
+from orchestrator import interrupts, tracking
+from orchestrator.config import ResolvedConfig, apply_overrides
+from orchestrator.inputs import check_data, check_metric_networks, check_source, make_job, prepare, source_resolution
 from orchestrator.launch import LaunchResult, run_job
-from orchestrator.sources import domain_encoder_for, source_for
-from orchestrator.storage import data_cache_dir
+from orchestrator.preflight import check_all
+from orchestrator.raycluster import check_resources, cluster_shapes, local_shape
+from orchestrator.sources import locate_source, resolve_source
 
 
-def _data(spec, count: int | None, seed: int) -> dict:
-    return {"uri": spec.data, "count": count, "seed": seed, "image_column": spec.image_column,
-            "storage_options": spec.storage_options}
+def run_resources(cfg: ResolvedConfig, nodes_cpus: float | None = None) -> tuple[int, float, float]:
+    """(workers, CPUs per worker, GPUs per worker) the run will ask for."""
+    run = cfg.run
+    if run.cpus_per_worker is not None:
+        cpus = run.cpus_per_worker
+    elif run.use_gpu:
+        cpus = 1.0
+    else:  # the default of orchestrator.launch.worker_cpus: the node's cores shared, at least 1
+        cpus = float(max(1, int((nodes_cpus or os.cpu_count() or 1) // run.num_workers)))
+    return run.num_workers, cpus, (run.gpus_per_worker if run.use_gpu else 0.0)
 
 
-def adaptation_job(config: ResolvedConfig, source: str, domain_encoder: str | None = None) -> dict:
-    """The plain-dict job a Ray Train worker runs (picklable, no pydantic objects)."""
-    t, ref, run = config.task.target, config.task.reference, config.run
-    return {
-        "kind": "adapt", "method": config.method, "family": config.task.source.family, "source": source,
-        "resolution": config.task.resolution,
-        "method_config": config.method_config, "run": run.model_dump(),
-        "data": _data(t, t.shots, t.seed),
-        # the task's reference set; without one, metrics compare against the shots themselves
-        "reference": _data(ref, ref.count, ref.seed) if ref is not None else None,
-        "domain_encoder": domain_encoder,
-        "cache_dir": str(data_cache_dir()),
-    }
+def early_source_check(cfg: ResolvedConfig) -> ResolvedConfig:
+    """Before Ray starts: a source given as a path, a Hub id or ``builtin`` is checked now (and,
+    with ``source.resize_to_source``, the task takes its resolution)."""
+    if cfg.task.source.model == "pretrained":
+        return cfg
+    path, hub_id = locate_source(cfg.task)
+    if cfg.task.source.resize_to_source:
+        res = source_resolution(cfg, path, hub_id)
+        if res != cfg.task.resolution:
+            cfg = apply_overrides(cfg, {"task.resolution": res}, where="source.resize_to_source")
+    check_source(cfg, path, hub_id)
+    return cfg
 
 
-def check_inputs(config: ResolvedConfig) -> str | None:
-    """In the driver, before Ray starts any worker: load (and cache) the shots and the reference
-    set, check that the metric networks' weights exist, and train (once) the domain encoder.
-    Returns the domain encoder's path when the run uses it."""
-    from trainers.data import load_images
-    from trainers.metrics import available_extractors
-
-    t, ref, res = config.task.target, config.task.reference, config.task.resolution
-    load_images(t.data, res, count=t.shots, seed=t.seed, image_column=t.image_column,
-                cache_dir=data_cache_dir(), storage_options=t.storage_options)
-    if ref is not None:
-        load_images(ref.data, res, count=ref.count, seed=ref.seed, image_column=ref.image_column,
-                    cache_dir=data_cache_dir(), storage_options=ref.storage_options)
-    others = [m for m in config.run.metrics if m != "domain"]
-    if others:
-        available_extractors(others)  # raises MissingWeightsError naming the files
-    return str(domain_encoder_for(config.task)) if "domain" in config.run.metrics else None
+def preflight(cfg: ResolvedConfig, *, tracking_uri: str | None, storage: str | None,
+              address: str | None) -> tuple[ResolvedConfig, str, str]:
+    """Every check that needs no Ray, before Ray starts: URIs, source model, data, metric weights,
+    and (for a local instance) whether this machine can hold the run at all."""
+    uri, storage = check_all(tracking_uri, storage)
+    cfg = early_source_check(cfg)
+    check_data(cfg.task)
+    check_metric_networks(cfg)
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        check_resources(*run_resources(cfg), local_shape(), what=f"run ({cfg.method})")
+    return cfg, uri, storage
 
 
-def train(config: ResolvedConfig, *, name: str | None = None, tracking_uri: str | None = None,
+def train(cfg: ResolvedConfig, *, name: str | None = None, tracking_uri: str | None = None,
           storage: str | None = None, restart: bool = False) -> LaunchResult:
-    encoder = check_inputs(config)
-    source = source_for(config.task, tracking_uri=tracking_uri, storage=storage)
-    name = name or config.default_name()
+    """Ray is up (``preflight`` ran before it started)."""
+    import ray
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    name = name or cfg.default_name()
+    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=None)
+    check_resources(*run_resources(cfg, largest), cluster_shapes(), what=f"run {name}")
+    source = resolve_source(cfg.task, tracking_uri=uri, storage=storage)
+    if cfg.task.source.model == "pretrained":
+        check_source(cfg, source.local, source.hub_id)
+    inputs = prepare(cfg, storage=storage, tracking_uri=uri, source=source)
+    interrupts.current(f"run {name}", f"orchestrate train {cfg.method} ... --name {name}")
     return run_job(
-        adaptation_job(config, source, encoder), name=name, experiment=config.method, tracking_uri=tracking_uri,
-        storage=storage, params=config.flat_params(), config_yaml=config.to_yaml(), restart=restart,
-        tags={tracking.TAG_KIND: "train", tracking.TAG_TASK: config.task.name,
-              tracking.TAG_METHOD: config.method, "orchestrate.source": source},
+        make_job(cfg, inputs, name=name, storage=storage), experiment=cfg.method, tracking_uri=uri,
+        params=cfg.flat_params(), config_yaml=cfg.to_yaml(), restart=restart,
+        tags={tracking.TAG_KIND: "train", tracking.TAG_TASK: cfg.task.name,
+              tracking.TAG_METHOD: cfg.method, "orchestrate.source": source.describe()},
     )

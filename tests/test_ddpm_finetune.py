@@ -4,9 +4,8 @@ import copy
 
 import torch
 
-from trainers.diffusion.backbone import (
-    DiffusionSource, SourceModelError, build_unet, default_scheduler, load_source, random_batch, save_source,
-)
+from trainers.common import SourceModelError, random_batch
+from trainers.diffusion.backbone import DiffusionSource, build_unet, default_scheduler, load_source, save_source
 from trainers.diffusion.ddpm_finetune import DDPMFinetune, DDPMFinetuneConfig
 
 import pytest

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
 
-from trainers.diffusion.backbone import UNET_PRESETS, DiffusionSource, build_unet, default_scheduler, random_batch
+from trainers.common import random_batch
+from trainers.perf import DevicePerf
+from trainers.diffusion.backbone import UNET_PRESETS, DiffusionSource, build_unet, default_scheduler
 from trainers.diffusion.ddpm_pa import DDPMPA, DDPMPAConfig, hf_mse, pairwise_cosine, pairwise_kl
 from trainers.diffusion.haar import haar_analysis, haar_synthesis, high_frequency
 from trainers.registry import get_method
@@ -33,9 +35,10 @@ def batch(b: int, seed: int = 0) -> torch.Tensor:
 
 def method(**kw) -> DDPMPA:
     seed = kw.pop("seed", 0)
+    perf = DevicePerf("cpu", precision=kw.pop("precision", "auto"))
     kw.setdefault("ema_decay", 0.0)
     kw.setdefault("batch_size", 5)
-    return DDPMPA(DDPMPAConfig(**kw), tiny_source(), "cpu", seed=seed)
+    return DDPMPA(DDPMPAConfig(**kw), tiny_source(), "cpu", seed=seed, perf=perf)
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainers.diffusion.backbone import SourceModelError, random_batch
+from trainers.common import SourceModelError, random_batch
 from trainers.gan.dcl import DCL, DCLConfig, select_layers
 from trainers.gan.gan_finetune import GANFinetune, GANFinetuneConfig
 from trainers.gan.losses import d_r1_loss, info_nce, info_nce_in_batch

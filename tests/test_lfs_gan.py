@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from trainers.diffusion.backbone import random_batch
+from trainers.common import random_batch
 from trainers.gan.gan_finetune import GANFinetune, GANFinetuneConfig
 from trainers.gan.lfs_gan import (
     LFSGAN, LFSGANConfig, cluster_mode_seeking_loss, cluster_pairs, load_lfs_modulators, nearest_shot,
@@ -54,7 +54,7 @@ def same(a, b) -> bool:
 
 def base_sample(g, n: int, seed: int) -> torch.Tensor:
     """What GANFinetune.sample draws (same z / noise per seed), from the plain generator ``g``."""
-    from trainers.diffusion.backbone import to_uint8
+    from trainers.common import to_uint8
 
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, g.style_dim, generator=gen)

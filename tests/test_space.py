@@ -45,7 +45,7 @@ def test_file_overrides_extends_and_removes(base, tmp_path):
     ({"lr": {"uniform": [-1, 1]}}, "lr: value -1.0 is not valid"),
     ({"ema_decay": {"choice": []}}, "ema_decay: choice needs a non-empty list"),
     ({"t_min": {"int": [0.5, 3]}}, "t_min: int needs integer bounds"),
-    ({"precision": {"choice": ["fp8"]}}, "precision: value 'fp8' is not valid"),
+    ({"run.precision": {"choice": ["fp8"]}}, "run.precision: value 'fp8' is not valid"),
 ])
 def test_invalid_spaces_name_the_file_and_key(base, tmp_path, entry, message):
     p = space_file(tmp_path, entry)

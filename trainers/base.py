@@ -1,17 +1,43 @@
 """The small surface every adaptation method exposes (DESIGN.md, "Layers").
 
 A method is plain PyTorch: the orchestrator builds it, feeds it batches, asks it for samples and
-for its state, and does everything else (Ray, MLflow, storage) around it.
+for its state, and does everything else (Ray, MLflow, storage, device performance) around it.
+
+* ``train_step(batch)`` returns the step's loss terms as 0-dim **tensors** on the device; the
+  training loop accumulates them there and reads them at reports, so a step never waits for the
+  GPU (no host sync per step).
+* Precision, fused optimisers, channels_last and compile come from the :class:`DevicePerf` the
+  loop passes in (``self.perf``); a method marks its network forwards with
+  ``with self.perf.autocast():`` and builds its optimisers with ``self.perf.adam(...)``.
+* ``networks()`` names the modules the loop may put in channels_last or compile.
+* ``sample_task(task_id, ...)`` samples a learned task of a lifelong stream; a method with one
+  set of weights samples the same generator for every task.
+* ``prepare(images, context)`` is called once (and again after a resume) with every training
+  image before the first step, for methods that derive something from the whole set (pseudo-
+  labels); a method with ``wants_index = True`` then gets ``train_step(batch, index=...)``, the
+  indices of the batch's images in that set.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from trainers.perf import DevicePerf
+
+
+@dataclass
+class PrepareContext:
+    """What the loop offers ``prepare``: the project's domain encoder file (self-supervised, trained
+    on the source domain) when the run has one, and a node-local cache folder."""
+
+    domain_encoder: Path | None = None
+    cache_dir: Path | None = None
 
 
 class MethodConfig(BaseModel):
@@ -37,11 +63,19 @@ class AdaptationMethod(ABC):
     key: ClassVar[str]
     family: ClassVar[str]  # "diffusion" or "gan"
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # what run.precision "auto" means on CUDA for this method (fp32 elsewhere)
+    cuda_precision: ClassVar[str] = "bf16"
+    # True: train_step(batch, index=...) gets the indices of the batch's images (see prepare)
+    wants_index: ClassVar[bool] = False
 
-    def __init__(self, config: MethodConfig, source: Any, device: torch.device, seed: int = 0):
+    def __init__(self, config: MethodConfig, source: Any, device: torch.device, seed: int = 0,
+                 perf: DevicePerf | None = None):
         self.config = config
         self.source = source
         self.device = torch.device(device)
+        self.perf = perf if perf is not None else DevicePerf(self.device)
+        if self.perf.device != self.device:
+            raise ValueError(f"perf is for {self.perf.device}, the method for {self.device}")
         self.seed = seed
         self.step = 0
 
@@ -50,23 +84,39 @@ class AdaptationMethod(ABC):
     def resolution(self) -> int: ...
 
     @abstractmethod
-    def train_step(self, batch: torch.Tensor) -> dict[str, float]:
-        """One optimisation step on ``batch`` (float in [-1, 1], [B,3,H,W], on ``self.device``)."""
+    def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimisation step on ``batch`` (float in [-1, 1], [B,3,H,W], on ``self.device``);
+        returns 0-dim tensors (``loss`` and its terms), not synced to the host."""
 
     @abstractmethod
     def sample(self, n: int, steps: int | None = None, seed: int = 0) -> torch.Tensor:
         """``n`` images as uint8 [n,3,H,W] on the CPU; ``steps`` = sampling steps where relevant."""
+
+    def sample_task(self, task_id: int, n: int, steps: int | None = None, seed: int = 0) -> torch.Tensor:
+        """``n`` images of a learned task of a lifelong stream. Methods with one set of weights
+        for every task (the shared-weight baselines) sample their one generator."""
+        return self.sample(n, steps=steps, seed=seed)
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume training exactly (weights, optimiser, EMA, step, RNG)."""
 
     @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; tensors may arrive on the CPU whatever the method's device
+        (the loop loads checkpoints on the CPU first)."""
 
     @abstractmethod
     def export(self, folder: str | Path) -> Path:
         """Write the adapted generator in a format that loads as a source model."""
+
+    def prepare(self, images: torch.Tensor, context: PrepareContext) -> None:
+        """Called with every training image (uint8 [N,3,H,W] on the device) before the first step
+        and after a resume; default: nothing."""
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """The modules that run forward passes in training (channels_last / compile targets)."""
+        return {}
 
     def continue_from(self, folder: str | Path) -> None:
         """Lifelong streams: take over the state of earlier tasks from the previous task's export

@@ -51,14 +51,28 @@ def load_source_model(family: str, spec: str, device):
     return load_gan_source(spec, device)
 
 
-def pretrainer(family: str) -> type[AdaptationMethod]:
-    if family == "ddpm":
-        from trainers.diffusion.pretrain import DDPMPretrain
+# Pretrainers: key -> (source family, "module:Class"). A method whose source differs from a plain
+# noise-predicting DDPM (a dual-output or self-guided one) adds its pretrainer here.
+PRETRAINERS: dict[str, tuple[str, str]] = {
+    "ddpm_pretrain": ("ddpm", "trainers.diffusion.pretrain:DDPMPretrain"),
+    "gan_pretrain": ("stylegan2", "trainers.gan.pretrain:GANPretrain"),
+}
+DEFAULT_PRETRAINER = {"ddpm": "ddpm_pretrain", "stylegan2": "gan_pretrain"}
 
-        return DDPMPretrain
-    from trainers.gan.pretrain import GANPretrain
 
-    return GANPretrain
+def pretrainer(family: str, key: str | None = None) -> type[AdaptationMethod]:
+    """The class that trains a source of ``family`` from scratch (``key``: a specific pretrainer,
+    e.g. a dual-output DDPM; default: the family's plain one)."""
+    import importlib
+
+    key = key or DEFAULT_PRETRAINER[family]
+    if key not in PRETRAINERS:
+        raise KeyError(f"unknown pretrainer {key!r}; available: {', '.join(sorted(PRETRAINERS))}")
+    fam, target = PRETRAINERS[key]
+    if fam != family:
+        raise ValueError(f"pretrainer {key} makes {fam} sources, not {family}")
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def source_ready(family: str, folder) -> bool:

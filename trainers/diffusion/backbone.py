@@ -9,7 +9,7 @@ the same code.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import os
 import re
@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+from trainers.common import SourceModelError, to_uint8
 
 # Architecture presets for models this project trains itself. "tiny" is for tests, "small" is
 # the embedded default (CPU demo), "base" is the improved-diffusion-like shape for real GPUs.
@@ -48,10 +50,6 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         dropout=0.1,
     ),
 }
-
-
-class SourceModelError(ValueError):
-    """A source model could not be found or loaded; the message names the path or id."""
 
 
 @dataclass
@@ -151,60 +149,13 @@ def load_source(spec: str, device: torch.device | str = "cpu") -> DiffusionSourc
     return DiffusionSource(unet=unet.to(device), scheduler=scheduler, origin=str(spec))
 
 
-def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [N,3,H,W] -> float in [-1, 1]."""
-    return images_uint8.float().div_(127.5).sub_(1.0)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def random_batch(images: torch.Tensor, batch_size: int, generator: torch.Generator,
-                 hflip: bool = True) -> torch.Tensor:
-    """Sample a batch (with replacement when the shots are fewer than the batch) and randomly
-    flip it horizontally; indices come from ``generator`` so runs are reproducible."""
-    n = images.shape[0]
-    idx = torch.randint(0, n, (batch_size,), generator=generator, device=generator.device)
-    x = to_model_range(images[idx.to(images.device)])
-    if hflip:
-        flip = torch.rand(batch_size, generator=generator, device=generator.device) < 0.5
-        x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
-    return x
-
-
-class EMA:
-    """Exponential moving average of a module's parameters, with the usual warm-up
-    ``min(decay, (1 + n) / (10 + n))`` so that short few-shot runs are not dominated by the source
-    weights (the warm-up is standard in improved-diffusion/diffusers style training)."""
-
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.num_updates = 0
-        self.module = copy.deepcopy(module).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        ema_params = list(self.module.parameters())
-        params = [p.detach() for p in module.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - d)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "num_updates": self.num_updates, "module": self.module.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.decay = state["decay"]
-        self.num_updates = state["num_updates"]
-        self.module.load_state_dict(state["module"])
-
-
 @torch.no_grad()
 def ddim_sample(unet: torch.nn.Module, train_scheduler: DDPMScheduler, n: int, resolution: int,
                 steps: int, device: torch.device, seed: int = 0, eta: float = 0.0,
-                batch_size: int = 64, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """DDIM sampling (Song et al. 2021, eq. 12) with ``steps`` steps; returns uint8 [n,3,H,W]."""
+                batch_size: int = 64,
+                autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+    """DDIM sampling (Song et al. 2021, eq. 12) with ``steps`` steps; returns uint8 [n,3,H,W].
+    ``autocast``: a (re-enterable) context for the UNet forwards, e.g. ``DevicePerf.autocast()``."""
     scheduler = DDIMScheduler.from_config(train_scheduler.config)
     scheduler.set_timesteps(steps, device=device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -215,7 +166,7 @@ def ddim_sample(unet: torch.nn.Module, train_scheduler: DDPMScheduler, n: int, r
         b = min(batch_size, n - start)
         x = torch.randn(b, 3, resolution, resolution, generator=gen).to(device)
         for t in scheduler.timesteps:
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with autocast if autocast is not None else contextlib.nullcontext():
                 eps = unet(x, t).sample
             x = scheduler.step(eps.float(), t, x, eta=eta, generator=gen if eta > 0 else None).prev_sample
         out.append(to_uint8(x))

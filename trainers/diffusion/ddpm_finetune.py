@@ -3,12 +3,12 @@ pretrained DDPM are fine-tuned on the shots with the usual DDPM objective.
 
 Loss: L_simple of Ho et al. 2020 (eq. 14), ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)||^2
 with t uniform over the training steps. AdamW as in DDPM-PA's setup (Zhu et al. 2022, lr 1e-4);
-sampling from an EMA of the weights when ``ema_decay`` > 0.
+sampling from an EMA of the weights when ``ema_decay`` > 0. Precision and optimiser kernels come
+from the run's ``DevicePerf`` (``trainers/perf.py``); the UNet forwards run under its autocast.
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from trainers.base import AdaptationMethod, MethodConfig
-from trainers.diffusion.backbone import EMA, DiffusionSource, ddim_sample, save_source
+from trainers.common import EMA, generator_state_to
+from trainers.diffusion.backbone import DiffusionSource, ddim_sample, save_source
+from trainers.perf import DevicePerf
 
 
 class DDPMFinetuneConfig(MethodConfig):
@@ -28,8 +30,6 @@ class DDPMFinetuneConfig(MethodConfig):
     t_min: int = Field(0, ge=0, description="smallest training timestep (inclusive)")
     t_max: int | None = Field(None, description="largest training timestep (exclusive); None = T")
     sample_steps: int = Field(50, ge=1, description="DDIM steps used by sample() by default")
-    precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$",
-                           description="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
 
     @classmethod
     def search_space(cls) -> dict[str, Any]:
@@ -40,20 +40,14 @@ class DDPMFinetuneConfig(MethodConfig):
         }
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 class DDPMFinetune(AdaptationMethod):
     key = "ddpm_finetune"
     family = "diffusion"
     Config = DDPMFinetuneConfig
 
     def __init__(self, config: DDPMFinetuneConfig, source: DiffusionSource, device: torch.device,
-                 seed: int = 0):
-        super().__init__(config, source, device, seed)
+                 seed: int = 0, perf: DevicePerf | None = None):
+        super().__init__(config, source, device, seed, perf)
         self.unet = source.unet.to(self.device).train()
         self.net: torch.nn.Module = self.unet  # DDP-wrapped when parallelized
         self.scheduler = source.scheduler
@@ -65,12 +59,9 @@ class DDPMFinetune(AdaptationMethod):
                 f"timestep range [t_min={config.t_min}, t_max={t_max}) must lie inside [0, {self.num_timesteps})"
             )
         self.t_range = (config.t_min, t_max)
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.lr,
-                                           weight_decay=config.weight_decay, fused=fused)
+        self.optimizer = self.perf.adamw(self.unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.ema = EMA(self.unet, config.ema_decay) if config.ema_decay > 0 else None
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.amp_dtype = autocast_dtype(config.precision, self.device)
 
     @property
     def resolution(self) -> int:
@@ -82,8 +73,8 @@ class DDPMFinetune(AdaptationMethod):
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.unet.parameters() if p.requires_grad)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet}
 
     def noisy(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward process q(x_t | x_0) (Ho et al. 2020, eq. 4): returns x_t, t, eps."""
@@ -100,11 +91,11 @@ class DDPMFinetune(AdaptationMethod):
 
     def losses(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
         x_t, t, eps = self.noisy(x0)
-        with self.autocast():
+        with self.perf.autocast():
             eps_hat = self.net(x_t, t).sample
         return {"loss_simple": F.mse_loss(eps_hat.float(), eps)}
 
-    def train_step(self, batch: torch.Tensor) -> dict[str, float]:
+    def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         losses = self.losses(batch)
         total = sum(losses.values()) if len(losses) > 1 else next(iter(losses.values()))
         self.optimizer.zero_grad(set_to_none=True)
@@ -116,10 +107,10 @@ class DDPMFinetune(AdaptationMethod):
         if self.ema is not None:
             self.ema.update(self.unet)
         self.step += 1
-        out = {k: float(v.detach()) for k, v in losses.items()}
-        out["loss"] = float(total.detach())
+        out = {k: v.detach() for k, v in losses.items()}
+        out["loss"] = total.detach()
         if grad_norm is not None:
-            out["grad_norm"] = float(grad_norm)
+            out["grad_norm"] = grad_norm.detach()
         return out
 
     @property
@@ -129,7 +120,7 @@ class DDPMFinetune(AdaptationMethod):
     def sample(self, n: int, steps: int | None = None, seed: int = 0) -> torch.Tensor:
         return ddim_sample(self.sampling_unet, self.scheduler, n, self.resolution,
                            steps or self.config.sample_steps, self.device, seed=seed,
-                           autocast_dtype=self.amp_dtype).cpu()
+                           autocast=self.perf.autocast()).cpu()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -146,7 +137,7 @@ class DDPMFinetune(AdaptationMethod):
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        self.generator.set_state(state["generator"].cpu() if self.device.type == "cpu" else state["generator"])
+        generator_state_to(self.generator, state["generator"])
 
     def export(self, folder: str | Path) -> Path:
         """The adapted (EMA) UNet as a diffusers folder: it loads as a source for a later task."""

@@ -76,6 +76,7 @@ from pydantic import Field
 from trainers.diffusion.backbone import DiffusionSource
 from trainers.diffusion.ddpm_finetune import DDPMFinetune, DDPMFinetuneConfig
 from trainers.diffusion.haar import high_frequency
+from trainers.perf import DevicePerf
 
 KLDirection = Literal["source_to_adapted", "adapted_to_source"]
 
@@ -149,7 +150,8 @@ class DDPMPA(DDPMFinetune):
     family = "diffusion"
     Config = DDPMPAConfig
 
-    def __init__(self, config: DDPMPAConfig, source: DiffusionSource, device: torch.device, seed: int = 0):
+    def __init__(self, config: DDPMPAConfig, source: DiffusionSource, device: torch.device, seed: int = 0,
+                 perf: DevicePerf | None = None):
         bs, ps = config.batch_size, config.pair_size
         if ps == 1:
             raise ValueError("pair_size=1 leaves no pairs: use pair_size >= 2, or 0 for the whole batch")
@@ -167,7 +169,7 @@ class DDPMPA(DDPMFinetune):
             )
         if source.resolution % 2:
             raise ValueError(f"the Haar high-frequency terms need an even resolution, got {source.resolution}")
-        super().__init__(config, source, device, seed)
+        super().__init__(config, source, device, seed, perf)
         pair_t_max = config.pair_t_max if config.pair_t_max is not None else self.num_timesteps
         if not 0 <= config.pair_t_min < pair_t_max <= self.num_timesteps:
             raise ValueError(
@@ -195,14 +197,17 @@ class DDPMPA(DDPMFinetune):
     def losses(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.config
         x_t, t, eps = self.noisy(x0)
-        with self.autocast():
+        with self.perf.autocast():
             eps_hat = self.net(x_t, t).sample
         out = {"loss_simple": F.mse_loss(eps_hat.float(), eps)}
         zero = x0.new_zeros(())
         b = x0.shape[0]
 
         lo, hi = self.pair_t_range
-        in_range = ((t >= lo) & (t < hi)).nonzero().squeeze(1)  # one small host sync
+        if lo <= self.t_range[0] and hi >= self.t_range[1]:
+            in_range = torch.arange(b, device=t.device)  # every t qualifies: no host sync
+        else:
+            in_range = ((t >= lo) & (t < hi)).nonzero().squeeze(1)  # a narrower range: one small sync
         m = in_range.numel()
 
         # L_hfmse over the in-range samples.
@@ -223,7 +228,7 @@ class DDPMPA(DDPMFinetune):
             # The source sees the very same x_t tensor as the adapted model, whole: a per-sample
             # output of a UNet is not bit-identical across batch shapes (kernel choice), and a
             # subset would make L_img ≈ 1e-8 instead of exactly 0 for identical weights.
-            with torch.no_grad(), self.autocast():
+            with torch.no_grad(), self.perf.autocast():
                 eps_src = self.source_unet(x_t, t).sample
             x_t_sel, t_sel = x_t[idx], t[idx]
             x0_src = self.predict_x0(x_t_sel, t_sel, eps_src[idx])
@@ -235,6 +240,9 @@ class DDPMPA(DDPMFinetune):
                 out["loss_hf"] = cfg.lambda_hf * pairwise_kl(
                     pairwise_cosine(high_frequency(x0_src)), pairwise_cosine(high_frequency(x0_ada)), **kl)
         return out
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {**super().networks(), "source_unet": self.source_unet}
 
     def state_dict(self) -> dict[str, Any]:
         # The source copy is frozen and rebuilt from the source at build time: not saved.

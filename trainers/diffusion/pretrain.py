@@ -11,6 +11,7 @@ from pydantic import Field
 
 from trainers.diffusion.backbone import DiffusionSource, build_unet, default_scheduler
 from trainers.diffusion.ddpm_finetune import DDPMFinetune, DDPMFinetuneConfig
+from trainers.perf import DevicePerf
 
 
 class DDPMPretrainConfig(DDPMFinetuneConfig):
@@ -25,8 +26,9 @@ class DDPMPretrain(DDPMFinetune):
     family = "diffusion"
     Config = DDPMPretrainConfig
 
-    def __init__(self, config: DDPMPretrainConfig, resolution: int, device: torch.device, seed: int = 0):
+    def __init__(self, config: DDPMPretrainConfig, resolution: int, device: torch.device, seed: int = 0,
+                 perf: DevicePerf | None = None):
         torch.manual_seed(seed)  # the initial weights are part of the run's identity
         source = DiffusionSource(unet=build_unet(config.preset, resolution), scheduler=default_scheduler(),
                                  origin=f"scratch:{config.preset}")
-        super().__init__(config, source, device, seed)
+        super().__init__(config, source, device, seed, perf)

@@ -63,6 +63,7 @@ from pydantic import Field, field_validator
 from trainers.gan.gan_finetune import GANFinetune, GANFinetuneConfig, Latents
 from trainers.gan.losses import d_logistic_loss, g_nonsaturating_loss, info_nce, info_nce_in_batch
 from trainers.gan.source import GANSource
+from trainers.perf import DevicePerf
 
 LayerPreset = Literal["all", "early", "late"]
 LayerSpec = Union[LayerPreset, list[int]]
@@ -122,8 +123,9 @@ class DCL(GANFinetune):
     family = "gan"
     Config = DCLConfig
 
-    def __init__(self, config: DCLConfig, source: GANSource, device: torch.device, seed: int = 0):
-        super().__init__(config, source, device, seed)
+    def __init__(self, config: DCLConfig, source: GANSource, device: torch.device, seed: int = 0,
+                 perf: DevicePerf | None = None):
+        super().__init__(config, source, device, seed, perf)
         self.g_source = copy.deepcopy(self.g).eval().requires_grad_(False)
         self.g_layer_idx = select_layers(config.g_layers, self.g.num_layers)
         self.d_layer_idx = select_layers(config.d_layers, len(self.d.feature_shapes()))
@@ -151,7 +153,7 @@ class DCL(GANFinetune):
         tau = self.config.temperature
         return _mean([info_nce(anchor[l], positive[l], negatives[l], tau) for l in self.d_layer_idx])
 
-    def d_losses(self, real: torch.Tensor, lat: Latents) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def d_losses(self, real: torch.Tensor, lat: Latents) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         with torch.no_grad():
             fake_t = self.generate(self.g, lat)[0]
         fake_pred, f_t = self.discriminate(self.d_net, fake_t, return_features=True)
@@ -162,7 +164,7 @@ class DCL(GANFinetune):
             fake_s, _ = self.source_forward(lat)
             _, f_s = self.discriminate(self.d_net, fake_s, return_features=True)
             terms["d_cl"] = self.config.lambda_d * self.cl_d(f_t, f_s, f_r)
-        stats = {"real_score": float(real_pred.detach().mean()), "fake_score": float(fake_pred.detach().mean())}
+        stats = {"real_score": real_pred.detach().mean(), "fake_score": fake_pred.detach().mean()}
         return terms, stats
 
     def g_losses(self, real: torch.Tensor, lat: Latents) -> dict[str, torch.Tensor]:
@@ -180,6 +182,9 @@ class DCL(GANFinetune):
                     _, df_r = self.discriminate(self.d, real, return_features=True)
                 terms["g_cl_d"] = cfg.lambda_d * self.cl_d(df_t, df_s, df_r)
         return terms
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {**super().networks(), "g_source": self.g_source}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "g_source": self.g_source.state_dict()}

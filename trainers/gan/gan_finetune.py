@@ -33,28 +33,30 @@ Choices (and why):
 * ``sample()`` uses G_ema when EMA is on, else G; z and noise from a CPU generator seeded by
   ``seed``; truncation ψ = ``truncation`` (1 = none) around the mean w of 4096 z's.
 * ``grad_clip`` defaults to None (GANs are not clipped in the reference code); when set it clips
-  G's and D's gradients separately. ``precision="bf16"`` autocasts the G/D forwards (R1 and the
-  losses stay in fp32); fp32 by default.
+  G's and D's gradients separately. Precision comes from the run (``run.precision``,
+  ``trainers/perf.py``): the G/D forwards run under its autocast, R1 and the losses in fp32; with
+  ``auto`` the GAN family stays in fp32 on CUDA too (``cuda_precision``: StyleGAN2's equalised-lr
+  layers and R1 were tuned in fp32), ``run.precision=bf16`` asks for bf16.
 * The returned ``loss`` is the generator objective (adversarial + method terms); ``d_loss`` the
   discriminator's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 from pydantic import Field
 
 from trainers.base import AdaptationMethod, MethodConfig
-from trainers.diffusion.backbone import SourceModelError, to_uint8
+from trainers.common import SourceModelError, generator_state_to, to_uint8
 from trainers.gan.losses import d_logistic_loss, d_r1_loss, g_nonsaturating_loss, g_path_regularize
 from trainers.gan.source import GANSource, save_gan_source
 from trainers.nets.stylegan2 import Generator
+from trainers.perf import DevicePerf
 
 ROSINALITY_EMA = 0.5 ** (32 / 10_000)
 
@@ -73,7 +75,6 @@ class GANFinetuneConfig(MethodConfig):
     ema_kimg: float | None = Field(None, gt=0, description="if set: decay 0.5^(batch/(ema_kimg·1000))")
     ema_rampup: float | None = Field(None, gt=0, description="ADA's EMA ramp-up (with ema_kimg)")
     truncation: float = Field(1.0, gt=0, le=1, description="truncation ψ used by sample()")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="autocast dtype of the G/D forwards")
 
     @classmethod
     def search_space(cls) -> dict[str, Any]:
@@ -94,18 +95,22 @@ class Latents:
     noise: list[torch.Tensor]
 
 
-def _adam(params, lr: float, reg_every: int, lazy: bool, fused: bool) -> torch.optim.Adam:
+def _adam(perf: DevicePerf, params, lr: float, reg_every: int, lazy: bool) -> torch.optim.Adam:
+    """Adam with StyleGAN2's lazy-regularisation correction (appendix B): lr and betas raised to
+    c = k/(k+1) when the regulariser runs every k steps."""
     c = reg_every / (reg_every + 1) if lazy else 1.0
-    return torch.optim.Adam(params, lr=lr * c, betas=(0.0 ** c, 0.99 ** c), fused=fused)
+    return perf.adam(params, lr=lr * c, betas=(0.0 ** c, 0.99 ** c))
 
 
 class GANFinetune(AdaptationMethod):
     key = "gan_finetune"
     family = "gan"
     Config = GANFinetuneConfig
+    cuda_precision = "fp32"
 
-    def __init__(self, config: GANFinetuneConfig, source: GANSource, device: torch.device, seed: int = 0):
-        super().__init__(config, source, device, seed)
+    def __init__(self, config: GANFinetuneConfig, source: GANSource, device: torch.device, seed: int = 0,
+                 perf: DevicePerf | None = None):
+        super().__init__(config, source, device, seed, perf)
         if not isinstance(source, GANSource):
             raise TypeError(f"{self.key} needs a GANSource (trainers.gan.source.load_gan_source), "
                             f"got {type(source).__name__}")
@@ -122,14 +127,12 @@ class GANFinetune(AdaptationMethod):
                                         if self.use_ema else None)
         self.r1_gamma = (config.r1 if config.r1 is not None
                          else 0.0002 * self.resolution ** 2 / config.batch_size)
-        fused = self.device.type == "cuda"
-        self.g_optim = _adam(self.g.parameters(), config.lr, config.g_reg_every, config.path_regularize > 0, fused)
-        self.d_optim = _adam(self.d.parameters(), config.lr, config.d_reg_every, self.r1_gamma > 0, fused)
+        self.g_optim = _adam(self.perf, self.g.parameters(), config.lr, config.g_reg_every, config.path_regularize > 0)
+        self.d_optim = _adam(self.perf, self.d.parameters(), config.lr, config.d_reg_every, self.r1_gamma > 0)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)  # z, noise, path probes
         self.cpu_generator = torch.Generator().manual_seed(seed + 7919)  # mixing decisions (host side)
         self.mean_path_length = torch.zeros((), device=self.device)
         self.images_seen = 0
-        self.amp_dtype = torch.bfloat16 if config.precision == "bf16" else None
 
     # -- plumbing ----------------------------------------------------------------------------
     @property
@@ -147,8 +150,11 @@ class GANFinetune(AdaptationMethod):
     def trainable_parameters(self) -> int:
         return sum(p.numel() for m in (self.g, self.d) for p in m.parameters())
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+    def networks(self) -> dict[str, torch.nn.Module]:
+        nets = {"g": self.g, "d": self.d}
+        if self.g_ema is not None:
+            nets["g_ema"] = self.g_ema
+        return nets
 
     def draw_latents(self, batch: int) -> Latents:
         cfg = self.config
@@ -160,21 +166,21 @@ class GANFinetune(AdaptationMethod):
 
     def generate(self, net: torch.nn.Module, lat: Latents, **kwargs):
         """``net(lat)`` under the method's autocast; returns what the Generator returns."""
-        with self.autocast():
+        with self.perf.autocast():
             return net(lat.styles, inject_index=lat.inject_index, noise=lat.noise, **kwargs)
 
     def discriminate(self, net: torch.nn.Module, images: torch.Tensor, **kwargs):
-        with self.autocast():
+        with self.perf.autocast():
             return net(images, **kwargs)
 
     # -- the losses (methods extend these) ---------------------------------------------------
-    def d_losses(self, real: torch.Tensor, lat: Latents) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def d_losses(self, real: torch.Tensor, lat: Latents) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Weighted D-step loss terms (summed for the D update) and logged scalars."""
         with torch.no_grad():
             fake = self.generate(self.g, lat)[0]
         fake_pred = self.discriminate(self.d_net, fake).float()
         real_pred = self.discriminate(self.d_net, real).float()
-        stats = {"real_score": float(real_pred.detach().mean()), "fake_score": float(fake_pred.detach().mean())}
+        stats = {"real_score": real_pred.detach().mean(), "fake_score": fake_pred.detach().mean()}
         return {"d_adv": d_logistic_loss(real_pred, fake_pred)}, stats
 
     def g_losses(self, real: torch.Tensor, lat: Latents) -> dict[str, torch.Tensor]:
@@ -192,11 +198,11 @@ class GANFinetune(AdaptationMethod):
             torch.nn.utils.clip_grad_norm_(module.parameters(), self.config.grad_clip)
         optim.step()
 
-    def train_step(self, batch: torch.Tensor) -> dict[str, float]:
+    def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.config
         real = batch.to(self.device, torch.float32)
         b = real.shape[0]
-        out: dict[str, float] = {}
+        out: dict[str, torch.Tensor] = {}
 
         # 1. discriminator
         self.g.requires_grad_(False)
@@ -204,8 +210,8 @@ class GANFinetune(AdaptationMethod):
         d_terms, stats = self.d_losses(real, self.draw_latents(b))
         d_total = sum(d_terms.values())
         self._update(self.d_optim, self.d, d_total)
-        out.update({k: float(v.detach()) for k, v in d_terms.items()}, **stats)
-        out["d_loss"] = float(d_total.detach())
+        out.update({k: v.detach() for k, v in d_terms.items()}, **stats)
+        out["d_loss"] = d_total.detach()
 
         # 2. lazy R1 (Mescheder et al. 2018; Karras et al. 2020 sec. 3.1)
         if self.r1_gamma > 0 and self.step % cfg.d_reg_every == 0:
@@ -214,7 +220,7 @@ class GANFinetune(AdaptationMethod):
             r1 = d_r1_loss(real_pred, real_r)
             # 0·pred keeps every D output in the graph (DDP expects all outputs used)
             self._update(self.d_optim, self.d, self.r1_gamma / 2 * r1 * cfg.d_reg_every + 0 * real_pred[0, 0])
-            out["r1"] = float(r1.detach())
+            out["r1"] = r1.detach()
 
         # 3. generator
         self.g.requires_grad_(True)
@@ -222,8 +228,8 @@ class GANFinetune(AdaptationMethod):
         g_terms = self.g_losses(real, self.draw_latents(b))
         g_total = sum(g_terms.values())
         self._update(self.g_optim, self.g, g_total)
-        out.update({k: float(v.detach()) for k, v in g_terms.items()})
-        out["g_loss"] = float(g_total.detach())
+        out.update({k: v.detach() for k, v in g_terms.items()})
+        out["g_loss"] = g_total.detach()
 
         # 4. lazy path-length regularisation (Karras et al. 2020, eq. 4)
         if cfg.path_regularize > 0 and self.step % cfg.g_reg_every == 0:
@@ -234,8 +240,8 @@ class GANFinetune(AdaptationMethod):
                 fake, latents, self.mean_path_length, generator=self.generator)
             self._update(self.g_optim, self.g,
                          cfg.path_regularize * cfg.g_reg_every * penalty + 0 * fake[0, 0, 0, 0])
-            out["path"] = float(penalty.detach())
-            out["path_length"] = float(lengths.detach().mean())
+            out["path"] = penalty.detach()
+            out["path_length"] = lengths.detach().mean()
         self.d.requires_grad_(True)
 
         # 5. EMA
@@ -281,7 +287,7 @@ class GANFinetune(AdaptationMethod):
             b = min(batch_size, n - start)
             z = torch.randn(b, net.style_dim, generator=gen).to(self.device)
             noise = net.random_noise(b, gen)
-            with self.autocast():
+            with self.perf.autocast():
                 img = net([z], noise=noise, truncation=self.config.truncation, truncation_latent=center)[0]
             out.append(to_uint8(img.float()).cpu())
         return torch.cat(out) if out else torch.zeros(0, 3, self.resolution, self.resolution, dtype=torch.uint8)
@@ -310,8 +316,8 @@ class GANFinetune(AdaptationMethod):
         self.g_optim.load_state_dict(state["g_optim"])
         self.d_optim.load_state_dict(state["d_optim"])
         self.mean_path_length = state["mean_path_length"].to(self.device)
-        self.generator.set_state(state["generator"].cpu())
-        self.cpu_generator.set_state(state["cpu_generator"].cpu())
+        generator_state_to(self.generator, state["generator"])
+        generator_state_to(self.cpu_generator, state["cpu_generator"])
 
     def export(self, folder: str | Path) -> Path:
         """The adapted G, G_ema (G when EMA is off) and D as a rosinality-format checkpoint

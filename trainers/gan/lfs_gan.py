@@ -85,7 +85,9 @@ from pydantic import Field, model_validator
 
 from trainers.gan.gan_finetune import GANFinetune, GANFinetuneConfig, Latents, _adam
 from trainers.gan.source import GANSource, save_gan_source
+from trainers.common import generator_state_to
 from trainers.nets.left import AdditiveInit, LeFTGenerator, RankInit
+from trainers.perf import DevicePerf
 
 MODULATORS_FILE = "left_modulators.pt"
 MODULATORS_FORMAT = "lfs-gan-left-v1"
@@ -139,14 +141,16 @@ def cluster_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cluster_mode_seeking_loss(z: torch.Tensor, w: torch.Tensor, features: list[torch.Tensor],
                               images: torch.Tensor, labels: torch.Tensor, eps: float = 1e-5
-                              ) -> tuple[torch.Tensor, dict[str, float]]:
+                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """LFS-GAN's cluster-wise mode-seeking loss (module docstring): over every pair (a, b) of
     samples with the same ``labels`` entry (indices into the batch),
     r = L1(w)/L1(z) + mean_l L1(F^l)/L1(w) + L1(x)/L1(w), and L = 1/(mean r + eps).
-    Returns (loss, stats); with no pair the loss is a zero scalar (no gradient, no NaN)."""
+    Returns (loss, stats); with no pair the loss is a zero scalar (no gradient, no NaN). Finding
+    the pairs (``nonzero``) waits for the device once per step: the pair count decides the shapes."""
     ia, ib = cluster_pairs(labels.to(z.device))
     counts = torch.bincount(labels.flatten().long())
-    stats = {"ms_pairs": float(ia.numel()), "ms_clusters": float((counts >= 2).sum())}
+    stats = {"ms_pairs": torch.tensor(float(ia.numel()), device=z.device),
+             "ms_clusters": (counts >= 2).sum().float()}
     if ia.numel() == 0:
         return z.new_zeros((), dtype=torch.float32), stats
     tiny = 1e-12
@@ -156,7 +160,7 @@ def cluster_mode_seeking_loss(z: torch.Tensor, w: torch.Tensor, features: list[t
     dx = _pair_l1(images, ia, ib)
     ratio = dw / dz + df / dw + dx / dw
     mean_ratio = ratio.mean()
-    stats["ms_ratio"] = float(mean_ratio.detach())
+    stats["ms_ratio"] = mean_ratio.detach()
     return 1.0 / (mean_ratio + eps), stats
 
 
@@ -251,8 +255,9 @@ class LFSGAN(GANFinetune):
     family = "gan"
     Config = LFSGANConfig
 
-    def __init__(self, config: LFSGANConfig, source: GANSource, device: torch.device, seed: int = 0):
-        super().__init__(config, source, device, seed)
+    def __init__(self, config: LFSGANConfig, source: GANSource, device: torch.device, seed: int = 0,
+                 perf: DevicePerf | None = None):
+        super().__init__(config, source, device, seed, perf)
         from_lfs_export = source.extra.get("adapted_by") == self.key
         if config.base_generator == "g_ema" and not from_lfs_export:
             base = source.g_ema
@@ -273,7 +278,7 @@ class LFSGAN(GANFinetune):
         self._distance: Callable | None = None
         self._lpips = None
         self._sample_net: torch.nn.Module | None = None
-        self._ms_stats: dict[str, float] = {}
+        self._ms_stats: dict[str, torch.Tensor] = {}
         self._fingerprint: str | None = None
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -288,12 +293,11 @@ class LFSGAN(GANFinetune):
 
     def _new_g_optim(self) -> torch.optim.Adam:
         c = self.config
-        return _adam(self.g.modulators.parameters(), c.lr, c.g_reg_every, c.path_regularize > 0,
-                     self.device.type == "cuda")
+        return _adam(self.perf, self.g.modulators.parameters(), c.lr, c.g_reg_every, c.path_regularize > 0)
 
     def _new_d_optim(self) -> torch.optim.Adam:
         c = self.config
-        return _adam(self.d.parameters(), c.lr, c.d_reg_every, self.r1_gamma > 0, self.device.type == "cuda")
+        return _adam(self.perf, self.d.parameters(), c.lr, c.d_reg_every, self.r1_gamma > 0)
 
     def trainable_parameters(self) -> int:
         """The current task's LeFT modulator parameters (what is stored per task)."""
@@ -405,7 +409,7 @@ class LFSGAN(GANFinetune):
             self._lpips = LPIPS.from_pretrained(kind.split("_", 1)[1], device=self.device)
         return self._lpips
 
-    def mode_seeking(self, real: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def mode_seeking(self, real: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Generate fake_multiplier·B images from fresh z (no mixing), cluster them by nearest shot
         in ``real``, and return the cluster-wise mode-seeking loss (unweighted) and its stats."""
         n = self.config.fake_multiplier * real.shape[0]
@@ -426,7 +430,7 @@ class LFSGAN(GANFinetune):
             terms["g_ms"] = self.config.mode_seeking_weight * loss
         return terms
 
-    def train_step(self, batch: torch.Tensor) -> dict[str, float]:
+    def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         out = super().train_step(batch)
         out.update(self._ms_stats)
         return out
@@ -485,8 +489,8 @@ class LFSGAN(GANFinetune):
         self.step = int(state["step"])
         self.images_seen = int(state.get("images_seen", 0))
         self.mean_path_length = state["mean_path_length"].to(self.device)
-        self.generator.set_state(state["generator"].cpu())
-        self.cpu_generator.set_state(state["cpu_generator"].cpu())
+        generator_state_to(self.generator, state["generator"])
+        generator_state_to(self.cpu_generator, state["cpu_generator"])
 
     def export(self, folder: str | Path) -> Path:
         """``folder/stylegan2.pt`` (rosinality format): ``g`` = the frozen base, ``g_ema`` = the

@@ -27,6 +27,7 @@ from pydantic import Field, field_validator
 from trainers.gan.gan_finetune import GANFinetune, GANFinetuneConfig
 from trainers.gan.source import GANSource
 from trainers.nets.stylegan2 import GAN_PRESETS, build_discriminator, build_generator, preset_arch
+from trainers.perf import DevicePerf
 
 
 class GANPretrainConfig(GANFinetuneConfig):
@@ -50,7 +51,8 @@ class GANPretrain(GANFinetune):
     family = "gan"
     Config = GANPretrainConfig
 
-    def __init__(self, config: GANPretrainConfig, resolution: int, device: torch.device, seed: int = 0):
+    def __init__(self, config: GANPretrainConfig, resolution: int, device: torch.device, seed: int = 0,
+                 perf: DevicePerf | None = None):
         if config.preset not in GAN_PRESETS:
             raise ValueError(f"unknown StyleGAN2 preset {config.preset!r}; expected one of {sorted(GAN_PRESETS)}")
         torch.manual_seed(seed)  # the initial weights are part of the run's identity
@@ -59,4 +61,4 @@ class GANPretrain(GANFinetune):
         g_ema = copy.deepcopy(g).eval().requires_grad_(False)
         source = GANSource(g=g, g_ema=g_ema, d=build_discriminator(arch), arch=arch,
                            origin=f"scratch:{config.preset}")
-        super().__init__(config, source, device, seed)
+        super().__init__(config, source, device, seed, perf)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from trainers.diffusion.backbone import SourceModelError
+from trainers.common import SourceModelError
 from trainers.nets.stylegan2 import ARCH_KEYS, Discriminator, Generator, build_discriminator, build_generator
 
 CHECKPOINT_NAME = "stylegan2.pt"

@@ -92,6 +92,15 @@ class ReferenceStats:
             self._entries.popitem(last=False)
         return entry
 
+    def preload(self, extractor: FeatureExtractor, images: ImageBatch, features: torch.Tensor,
+                mu: np.ndarray | None = None, sigma: np.ndarray | None = None) -> None:
+        """Enter features (and statistics) computed elsewhere, e.g. once per sweep before its
+        trials start, for ``images`` under ``extractor``."""
+        entry: dict[str, Any] = {"features": features}
+        if mu is not None and sigma is not None:
+            entry["mu"], entry["sigma"] = mu, sigma
+        self._store(extractor, images, entry)
+
     def features(self, extractor: FeatureExtractor, images: ImageBatch, batch_size: int | None = None) -> torch.Tensor:
         entry = self._lookup(extractor, images)
         if entry is not None:

@@ -1,0 +1,364 @@
+"""The training loop: one loop for every method, for source pretraining, and for every launcher.
+
+``run_loop(job, session)`` builds the method from the typed :class:`~orchestrator.job.Job`, fetches
+what it needs into the node's cache (source, encoder, images: ``orchestrator.artifacts``), and
+steps it. Every ``report_every`` steps it reports metrics (and, when due, a checkpoint) through the
+session — Ray Train, Tune, or a storage folder (``orchestrator.session``); rank 0 also logs to the
+MLflow run the driver created. A restarted run continues from the newest checkpoint *exactly*:
+weights, optimisers, EMA, step, and every RNG (``orchestrator.rng``) are in it.
+
+Device performance is set here, once, for every method (``trainers.perf.DevicePerf``):
+precision, fused optimisers, channels_last, TF32, compile. ``train_step`` returns tensors that
+stay on the device; the loop reads them at reports only (one host sync per report, which also
+checks that every loss was finite), never per step.
+
+Metrics of re-run steps are not logged twice: rank 0 records the last step it logged in the run's
+``orchestrate.logged_step`` tag and, after a resume, skips what is logged already (the resumed run
+recomputes exactly the same values).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from orchestrator import tracking
+from orchestrator.artifacts import ArtifactRef, fetch, load_array, publish
+from orchestrator.job import Job
+from orchestrator.rng import capture, load_state, restore, seed_everything
+from orchestrator.session import Session
+from orchestrator.storage import cache_home
+
+STATE_FILE = "state.pt"
+TAG_LOGGED = "orchestrate.logged_step"
+
+
+@dataclass
+class LoopResult:
+    metrics: dict[str, Any]
+    export: ArtifactRef | None = None
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+
+# -- what the loop builds (cached per process: in-process trials reuse them) ---------------------
+@lru_cache(maxsize=4)
+def _source_on_cpu(family: str, key: str, path: str):
+    from trainers.registry import load_source_model
+
+    return load_source_model(family, path, "cpu")
+
+
+def load_source(job: Job, device: torch.device):
+    """The job's source model on ``device`` (a fresh copy: the method trains it in place)."""
+    import copy
+
+    if job.source is not None:
+        src = _source_on_cpu(job.family, job.source.digest, str(fetch(job.source)))
+    elif job.source_hub_id is not None:
+        src = _source_on_cpu(job.family, job.source_hub_id, job.source_hub_id)
+    else:
+        raise ValueError(f"job {job.name}: no source model")
+    src = copy.deepcopy(src)
+    return _to_device(src, device)
+
+
+def _to_device(src, device: torch.device):
+    for name in ("unet", "g", "g_ema", "d"):
+        module = getattr(src, name, None)
+        if isinstance(module, torch.nn.Module):
+            setattr(src, name, module.to(device))
+    return src
+
+
+def perf_for(job: Job, device: torch.device, method_cls) -> Any:
+    from trainers.perf import DevicePerf
+
+    precision = job.run.precision
+    if precision == "auto" and device.type == "cuda":
+        precision = getattr(method_cls, "cuda_precision", "bf16")
+    return DevicePerf(device, precision=precision, channels_last=job.run.channels_last,
+                      compile=job.run.compile, tf32=job.run.tf32)
+
+
+def method_class(job: Job):
+    from trainers.registry import get_method, pretrainer
+
+    return pretrainer(job.family, job.method) if job.kind == "pretrain" else get_method(job.method)
+
+
+def build_method(job: Job, device: torch.device, seed: int):
+    """The job's trainer object (an adaptation method or a source pretrainer) on ``device``."""
+    cls = method_class(job)
+    cfg = cls.Config.model_validate(job.method_config)
+    perf = perf_for(job, device, cls)
+    perf.apply_global()
+    if job.kind == "pretrain":
+        method = cls(cfg, job.resolution, device, seed=seed, perf=perf)
+    else:
+        method = cls(cfg, load_source(job, device), device, seed=seed, perf=perf)
+        if job.previous is not None:  # a later task of a lifelong stream: earlier tasks' state
+            method.continue_from(fetch(job.previous))
+    return method, perf
+
+
+@lru_cache(maxsize=4)
+def _extractors(metrics: tuple[str, ...], encoder: str | None, device: str):
+    from trainers.metrics import available_extractors
+
+    return available_extractors(list(metrics), encoder, device)
+
+
+def images_tensor(ref: ArtifactRef) -> torch.Tensor:
+    """uint8 [N,3,H,W] (CPU) of a published image array [N,H,W,3]."""
+    return torch.from_numpy(np.array(load_array(ref))).permute(0, 3, 1, 2).contiguous()
+
+
+class Evaluator:
+    """Rank 0's periodic and final evaluation: samples from the method, metrics against the task's
+    reference set (or the shots), each metric named by its feature network (trainers.metrics)."""
+
+    def __init__(self, job: Job, shots: torch.Tensor, device: torch.device):
+        from trainers.metrics import ReferenceStats
+
+        self.job, self.run = job, job.run
+        encoder = str(fetch(job.domain_encoder)) if job.domain_encoder is not None else None
+        self.extractors = _extractors(tuple(self.run.metrics), encoder, str(device))
+        self.shots = shots.cpu()
+        self.reference = images_tensor(job.reference) if job.reference is not None else self.shots
+        self.cache = ReferenceStats()
+        if job.reference_stats is not None:
+            from orchestrator.refstats import preload
+
+            preload(self.cache, fetch(job.reference_stats), self.extractors, self.reference, self.shots)
+        run = self.run
+        self.every = run.eval_every if run.eval_every is not None else run.report_every
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or bool(self.every and step % self.every == 0)
+
+    def __call__(self, method, last: bool) -> dict[str, float]:
+        from trainers.metrics import evaluate
+
+        run = self.run
+        n = run.final_eval_samples if last else run.eval_samples
+        steps = run.final_eval_sample_steps if last else run.eval_sample_steps
+        t0 = time.perf_counter()
+        samples = method.sample(n, steps=steps, seed=run.seed + 12345)
+        metrics = evaluate(samples, self.reference, self.shots, self.extractors, seed=run.seed,
+                           kid_subset_size=min(1000, n, len(self.reference)), cache=self.cache)
+        metrics["eval_seconds"] = time.perf_counter() - t0
+        return metrics
+
+    def earlier_tasks(self, method) -> dict[str, float]:
+        """Row k of the lifelong matrices: the model after task k on every task j <= k, sampled
+        with task j's own state (``sample_task``; one generator for shared-weight methods)."""
+        from trainers.metrics import evaluate
+
+        run, out = self.run, {}
+        for spec in self.job.lifelong_eval:
+            shots = images_tensor(spec.shots)
+            ref = images_tensor(spec.reference) if spec.reference is not None else shots
+            n = run.final_eval_samples
+            samples = method.sample_task(spec.task_id, n, steps=run.final_eval_sample_steps, seed=run.seed + 12345)
+            metrics = evaluate(samples, ref, shots, self.extractors, seed=run.seed,
+                               kid_subset_size=min(1000, n, len(ref)), cache=self.cache)
+            out.update({f"r_{k}_task{spec.index}": v for k, v in metrics.items() if not k.startswith("num_")})
+        return out
+
+
+class _ReportLogFilter(logging.Filter):
+    """Ray Train logs "Reporting training result ..." (every metric of every report) at INFO;
+    our own progress line says the same in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and str(record.msg).startswith("Reporting training result"))
+
+
+def _quiet_ray_train_logs() -> None:
+    flt = _ReportLogFilter()
+    for logger in [logging.getLogger(), *[lg for lg in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(lg, logging.Logger)]]:
+        for handler in logger.handlers:
+            if not any(isinstance(f, _ReportLogFilter) for f in handler.filters):
+                handler.addFilter(flt)
+
+
+class _Window:
+    """Loss terms of the steps since the last report, kept on the device until the report."""
+
+    def __init__(self) -> None:
+        self.terms: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        self.steps: list[int] = []
+        self.t0 = time.perf_counter()
+        self.excluded = 0.0  # seconds of grids and evaluations inside the window
+
+    def add(self, step: int, out: dict[str, torch.Tensor]) -> None:
+        self.steps.append(step)
+        for k, v in out.items():
+            v = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            self.terms.setdefault(k, []).append((step, v.float().reshape(())))
+
+    def read(self) -> dict[str, tuple[list[int], np.ndarray]]:
+        """{key: (steps, values)} — one host sync for all of them."""
+        if not self.terms:
+            return {}
+        keys = sorted(self.terms)
+        flat = torch.cat([torch.stack([v.to(self.terms[keys[0]][0][1].device) for _, v in self.terms[k]])
+                          for k in keys]).cpu().numpy()
+        out, i = {}, 0
+        for k in keys:
+            n = len(self.terms[k])
+            out[k] = ([s for s, _ in self.terms[k]], flat[i:i + n])
+            i += n
+        return out
+
+
+def run_loop(job: Job, session: Session) -> LoopResult:
+    """Train ``job`` to ``job.run.steps``, resuming from the session's newest checkpoint."""
+    from trainers.common import random_batch
+    from trainers.base import PrepareContext
+
+    _quiet_ray_train_logs()
+    rank, world = session.rank, session.world_size
+    run = job.run
+    device = session.device
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(run.cpus_per_worker or 1)))
+    seed = int(run.seed) + 1000 * rank
+    seed_everything(seed)
+
+    method, perf = build_method(job, device, seed)
+    cpu_images = images_tensor(job.data)
+    images = cpu_images.to(device)
+    if world > 1:
+        import ray.train.torch
+
+        method.parallelize(lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+    perf.prepare(method.networks())
+    batch_gen = torch.Generator(device=device).manual_seed(seed + 7)
+
+    start = 0
+    with session.latest_checkpoint() as folder:
+        if folder is not None:
+            method.load_state_dict(load_state(folder / STATE_FILE)["method"])
+            restore(load_state(folder / f"rng_rank{rank}.pt"), method, batch_gen)
+            start = int(method.step)
+    encoder_path = fetch(job.domain_encoder) if job.domain_encoder is not None else None
+    method.prepare(images, PrepareContext(domain_encoder=encoder_path, cache_dir=cache_home() / "annotations"))
+
+    log = rank == 0 and job.run_id is not None
+    uri, run_id = job.tracking_uri, job.run_id
+    buffer = tracking.MetricBuffer(uri, run_id) if log else None
+    logged_through = tracking.logged_step(uri, run_id, TAG_LOGGED) if log else -1
+
+    def grid(name: str, sampling_steps: int) -> None:
+        samples = method.sample(run.grid_size, steps=sampling_steps, seed=run.seed)
+        tracking.log_image_grid(uri, run_id, samples.numpy(), f"samples/{name}.png")
+
+    if log and start == 0:
+        tracking.log_params(uri, run_id, {"trainable_parameters": str(method.trainable_parameters()),
+                                          "world_size": str(world), "device": str(device),
+                                          "precision": str(perf.amp_dtype or "fp32"),
+                                          "node_id": session.node_id})
+        if logged_through < 0:
+            grid("step_000000", run.grid_sample_steps)
+
+    evaluator = Evaluator(job, cpu_images, device) if rank == 0 and job.kind == "adapt" else None
+    last_eval: dict[str, float] = {}
+    steps, every = run.steps, run.report_every
+    batch_size, hflip = method.config.batch_size, method.config.hflip
+    window = _Window()
+    reports: list[dict[str, Any]] = []
+    export: ArtifactRef | None = None
+    for step in range(start, steps):
+        if method.wants_index:
+            batch, index = random_batch(images, batch_size, batch_gen, hflip=hflip, return_index=True)
+            out = method.train_step(perf.batch(batch), index=index)
+        else:
+            out = method.train_step(perf.batch(random_batch(images, batch_size, batch_gen, hflip=hflip)))
+        window.add(step + 1, out)
+        last = step + 1 == steps
+        if log and ((step + 1) % run.sample_every == 0 or last) and step + 1 > logged_through:
+            t = time.perf_counter()
+            grid(f"step_{step + 1:06d}", run.grid_sample_steps)
+            window.excluded += time.perf_counter() - t
+        if (step + 1) % every and not last:
+            continue
+
+        # -- a report: read the window (the one host sync), evaluate, checkpoint -----------------
+        values = window.read()
+        seconds = max(time.perf_counter() - window.t0 - window.excluded, 1e-9)
+        bad = {k: at[int(np.argmax(~np.isfinite(v)))] for k, (at, v) in values.items() if not np.isfinite(v).all()}
+        if bad:
+            raise FloatingPointError("non-finite training metrics: " +
+                                     ", ".join(f"{k} at step {s}" for k, s in sorted(bad.items())))
+        n_steps = len(window.steps)
+        report: dict[str, Any] = {k: float(v.mean()) for k, (_, v) in values.items()}
+        report.update(step=step + 1, steps_per_s=n_steps / seconds,
+                      images_per_s=n_steps * batch_size * world / seconds)
+        if buffer is not None:
+            for k, (at, v) in values.items():
+                for s, x in zip(at, v):
+                    if s > logged_through:
+                        buffer.add({k: float(x)}, s)
+        if evaluator is not None and evaluator.due(step + 1, last):
+            last_eval = evaluator(method, last)
+            if buffer is not None and step + 1 > logged_through:
+                buffer.add(last_eval, step + 1)
+        report.update(last_eval)  # between evaluations, the last values (schedulers need them)
+        if buffer is not None and step + 1 > logged_through:
+            buffer.add({"steps_per_s": report["steps_per_s"], "images_per_s": report["images_per_s"]}, step + 1)
+        if last and rank == 0:
+            # Before the final report: a scheduler may stop the trial as soon as it sees it.
+            export = finish(job, method, log)
+            report["export"] = export.model_dump_json()
+            if job.lifelong_eval:
+                rows = evaluator.earlier_tasks(method)
+                report.update(rows)
+                if buffer is not None:
+                    buffer.add(rows, step + 1)
+            report["trainable_parameters"] = float(method.trainable_parameters())
+        if buffer is not None:
+            buffer.flush()
+            tracking.set_logged_step(uri, run_id, TAG_LOGGED, max(step + 1, logged_through))
+        reports.append(report)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if job.wants_checkpoint(step + 1):
+                checkpoint = Path(tmp)
+                if rank == 0:
+                    torch.save({"method": method.state_dict(), "step": step + 1}, checkpoint / STATE_FILE)
+                torch.save(capture(method, batch_gen), checkpoint / f"rng_rank{rank}.pt")
+            session.report(report, checkpoint)
+        window = _Window()
+    return LoopResult(reports[-1] if reports else {}, export, reports)
+
+
+def finish(job: Job, method, log: bool) -> ArtifactRef:
+    """Rank 0, after the last step: export the generator to the run storage (content-keyed, so
+    the driver and any later task can fetch it on any node), the final grid, the model artifact."""
+    uri, run_id = job.tracking_uri, job.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = method.export(Path(tmp) / "model")
+        ref = publish(folder, job.storage)
+        if log:
+            samples = method.sample(job.run.grid_size, seed=job.run.seed)
+            tracking.log_image_grid(uri, run_id, samples.numpy(), "samples/final.png")
+            tracking.log_artifacts(uri, run_id, folder, "model")
+            tracking.client(uri).set_tag(run_id, "orchestrate.export", ref.model_dump_json())
+    return ref
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The Ray Train worker entry point (``TorchTrainer(train_loop, train_loop_config={"job": ...})``)."""
+    from orchestrator.session import TrainSession
+
+    run_loop(Job.model_validate(config["job"]), TrainSession())
