@@ -109,7 +109,9 @@ def prepare(cfg: ResolvedConfig, *, storage: str, tracking_uri: str | None = Non
     task = cfg.task
     shots, reference = check_data(task)
     check_metric_networks(cfg)
-    if encoder is None and "domain" in cfg.run.metrics:
+    from trainers.registry import get_method
+
+    if encoder is None and ("domain" in cfg.run.metrics or get_method(cfg.method).uses_domain_encoder):
         encoder = publish(domain_encoder_for(task), storage)
     if source is None:
         source = resolve_source(task, tracking_uri=tracking_uri, storage=storage, lease=lease)

@@ -26,7 +26,7 @@ from orchestrator.job import Job
 from orchestrator.lease import Lease
 from orchestrator.storage import remove_run_dir, storage_uri
 
-# Train polls its workers every 2 s by default; metrics then arrive seconds late (STACK.md).
+# Train polls its workers every 2 s by default; metrics then arrive seconds late.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 

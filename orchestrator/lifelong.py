@@ -187,8 +187,10 @@ def prepare_sequence(seq: SequenceConfig, configs: list, *, storage: str, tracki
         check_metric_networks(cfg)
         tasks.append((publish_array(shots, storage),
                       publish_array(reference, storage) if reference is not None else None))
+    from trainers.registry import get_method
+
     encoder = None
-    if "domain" in configs[0].run.metrics:
+    if "domain" in configs[0].run.metrics or get_method(configs[0].method).uses_domain_encoder:
         encoder = publish(domain_encoder_for(configs[0].task), storage)
     source = resolve_source(configs[0].task, tracking_uri=tracking_uri, storage=storage, lease=lease)
     check_source(configs[0], source.local, source.hub_id)

@@ -89,9 +89,10 @@ def pretrain_source(task: TaskConfig, *, tracking_uri: str | None = None, storag
     images = load_images(spec.data, task.resolution, count=spec.count, seed=spec.seed, cache_dir=data_cache_dir())
     from orchestrator.job import Job
 
+    encoder = publish(domain_encoder_for(task), storage) if cls.uses_domain_encoder else None
     job = Job(kind="pretrain", name=key, method=cls.key, family=family, resolution=task.resolution,
               method_config=method_config.model_dump(mode="json"), run=run, storage=storage,
-              data=publish_array(images, storage))
+              data=publish_array(images, storage), domain_encoder=encoder)
     params = {f"pretrain.{k}": str(v) for k, v in spec.model_dump(mode="json").items()}
     params.update(resolution=str(task.resolution), family=family)
     result = run_job(job, experiment=f"pretrain-{family}", tracking_uri=tracking_uri, params=params,

@@ -1,7 +1,7 @@
 """MLflow: the one record of every run.
 
 The driver creates the tracking store, the experiment and the run before any Ray worker starts
-(two processes creating a fresh SQLite store at once race, see STACK.md); workers only log into
+(two processes creating a fresh SQLite store at once race); workers only log into
 the run id they are given and never end it. The driver ends it FINISHED, FAILED or KILLED.
 """
 
@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# MLflow draws a progress bar for every artifact download (sweep.json on resume ...): not ours to show.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 TAG_NAME = "orchestrate.name"
 TAG_KIND = "orchestrate.kind"

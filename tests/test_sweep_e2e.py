@@ -115,7 +115,7 @@ def test_killed_sweep_resumes_with_every_trial_once(ray_local, workspace):
     space = write_space(workspace, {"lr": {"loguniform": [1e-4, 3e-3]}, "ema_decay": None, "weight_decay": None})
     args = sweep_args(task, space, "--num-samples", "5", "--max-concurrent", "2", "--metric", "loss",
                       "--scheduler", "fifo", "--name", "killed", "--set", "run.steps=60", "--set", "run.report_every=5")
-    env = {**os.environ, "RAY_ADDRESS": ray_local, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "RAY_ADDRESS": ray_local, "PYTHONUNBUFFERED": "1", "ORCHESTRATE_LEASE_TTL_S": "3"}
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=workspace, env=env,
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
@@ -124,7 +124,7 @@ def test_killed_sweep_resumes_with_every_trial_once(ray_local, workspace):
         while time.time() < deadline:
             assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
             # Tune's folder appears after the driver created the MLflow store (reading a SQLite
-            # store while another process creates it races, STACK.md)
+            # store while another process creates it races)
             parent = parent_run(uri, "killed") if (workspace / "runs" / "killed").exists() else None
             if parent and any(k.info.status == "FINISHED" for k in children(uri, parent.info.run_id)):
                 break
@@ -138,6 +138,7 @@ def test_killed_sweep_resumes_with_every_trial_once(ray_local, workspace):
     before = {k.data.tags["orchestrate.trial_id"]: k.info.status for k in children(uri, parent.info.run_id)}
     assert 1 <= len(before) < 5 or "RUNNING" in before.values()
 
+    time.sleep(4)  # the killed driver's lease goes stale
     res = cli("sweep", "ddpm_finetune", "--resume", "killed", *URI_ARGS)
     assert res.exit_code == 0, res.output
     parent = parent_run(uri, "killed")

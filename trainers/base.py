@@ -1,4 +1,4 @@
-"""The small surface every adaptation method exposes (DESIGN.md, "Layers").
+"""The small surface every adaptation method exposes.
 
 A method is plain PyTorch: the orchestrator builds it, feeds it batches, asks it for samples and
 for its state, and does everything else (Ray, MLflow, storage, device performance) around it.
@@ -67,6 +67,8 @@ class AdaptationMethod(ABC):
     cuda_precision: ClassVar[str] = "bf16"
     # True: train_step(batch, index=...) gets the indices of the batch's images (see prepare)
     wants_index: ClassVar[bool] = False
+    # True: prepare() needs PrepareContext.domain_encoder (e.g. for pseudo-labels)
+    uses_domain_encoder: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, source: Any, device: torch.device, seed: int = 0,
                  perf: DevicePerf | None = None):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from trainers.base import AdaptationMethod
 from trainers.diffusion.ddpm_finetune import DDPMFinetune
 from trainers.diffusion.ddpm_pa import DDPMPA
+from trainers.diffusion.dual_output import DualOutput
+from trainers.diffusion.self_guided import SelfGuided
 from trainers.gan.dcl import DCL
 from trainers.gan.gan_finetune import GANFinetune
 from trainers.gan.lfs_gan import LFSGAN
@@ -14,6 +16,8 @@ METHODS: dict[str, type[AdaptationMethod]] = {
     for cls in (
         DDPMFinetune,
         DDPMPA,
+        DualOutput,
+        SelfGuided,
         GANFinetune,
         DCL,
         LFSGAN,
@@ -56,6 +60,8 @@ def load_source_model(family: str, spec: str, device):
 PRETRAINERS: dict[str, tuple[str, str]] = {
     "ddpm_pretrain": ("ddpm", "trainers.diffusion.pretrain:DDPMPretrain"),
     "gan_pretrain": ("stylegan2", "trainers.gan.pretrain:GANPretrain"),
+    "dual_output_pretrain": ("ddpm", "trainers.diffusion.dual_output:DualOutputPretrain"),
+    "self_guided_pretrain": ("ddpm", "trainers.diffusion.self_guided:SelfGuidedPretrain"),
 }
 DEFAULT_PRETRAINER = {"ddpm": "ddpm_pretrain", "stylegan2": "gan_pretrain"}
 

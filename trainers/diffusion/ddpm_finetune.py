@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from trainers.base import AdaptationMethod, MethodConfig
-from trainers.common import EMA, generator_state_to
+from trainers.common import EMA, SourceModelError, generator_state_to
 from trainers.diffusion.backbone import DiffusionSource, ddim_sample, save_source
 from trainers.perf import DevicePerf
 
@@ -48,6 +48,7 @@ class DDPMFinetune(AdaptationMethod):
     def __init__(self, config: DDPMFinetuneConfig, source: DiffusionSource, device: torch.device,
                  seed: int = 0, perf: DevicePerf | None = None):
         super().__init__(config, source, device, seed, perf)
+        self.check_unet(source.unet)
         self.unet = source.unet.to(self.device).train()
         self.net: torch.nn.Module = self.unet  # DDP-wrapped when parallelized
         self.scheduler = source.scheduler
@@ -66,6 +67,17 @@ class DDPMFinetune(AdaptationMethod):
     @property
     def resolution(self) -> int:
         return self.source.resolution
+
+    def check_unet(self, unet: torch.nn.Module) -> None:
+        """A plain ε-predicting, unconditional UNet; other sources belong to other methods."""
+        cfg = unet.config
+        if getattr(cfg, "class_embed_type", None) is not None or getattr(cfg, "num_class_embeds", None):
+            raise SourceModelError(f"{self.key} adapts unconditional DDPMs; this source is class-conditional "
+                                   "(a self_guided export?): adapt it with self_guided")
+        if cfg.out_channels != cfg.in_channels:
+            hint = " (a dual_output source: adapt it with dual_output)" if cfg.out_channels == 7 else ""
+            raise SourceModelError(f"{self.key} adapts ε-predicting UNets (out_channels == in_channels == "
+                                   f"{cfg.in_channels}); this source has out_channels={cfg.out_channels}{hint}")
 
     def parallelize(self, wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
         self.net = wrap(self.unet)

@@ -23,7 +23,7 @@ The paper's overall objective has this shape (L_simple + λ_vlb L_vlb + λ1 L_im
 the released code's: ``pair_weight=4.0``, ``hf_pair_weight=4.0``, ``hf_mse_weight=1.0``
 (``GaussianDiffusion.__init__`` defaults, ``script_util`` defaults and the README's MODEL_FLAGS).
 
-Choices, and where the released code differs (METHODS.md, "DDPM-PA"):
+Choices, and where the released code differs:
 
 * Source model: a deep copy of the source UNet made at build time, ``requires_grad_(False)``,
   ``eval()``, run under ``torch.no_grad()`` in the same autocast precision as the adapted model.

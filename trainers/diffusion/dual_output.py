@@ -1,8 +1,7 @@
 """``dual_output``: Dynamic Dual-Output Diffusion Models — Benny & Wolf, CVPR 2022.
 Reference code: yanivbenny/dual_diffusion at ``bd785e1``, ``src/diffusion.py``
 (``GaussianDiffusion.predict_dualx``, ``training_losses``), ``src/respace.py`` and ``compute_fid.py``
-(read, not copied; every choice and difference is listed below). Summary: /work/notes/dual_output.md,
-METHODS.md "Dynamic dual-output diffusion".
+(read, not copied; every choice and difference is listed below).
 
 The UNet predicts, from x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε, three things at once (paper, Fig. 3:
 "x_θ, ε_θ, r_θ ... combined into a mean vector μ_θ"):
@@ -380,6 +379,10 @@ class DualOutput(DDPMFinetune):
                                      scheduler=source.scheduler, origin=source.origin)
         super().__init__(config, source, device, seed, perf)
         self.coef = DiffusionCoefficients(self.scheduler, self.device)
+
+    def check_unet(self, unet: torch.nn.Module) -> None:
+        if not is_dual_output(unet):  # the constructor has widened an ε source already
+            raise SourceModelError(f"{self.key}: expected a {DUAL_OUT_CHANNELS}-channel dual-output UNet")
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The raw 7-channel output of the trained network (autocast, as float32)."""

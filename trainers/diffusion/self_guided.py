@@ -1,6 +1,6 @@
 """``self_guided``: self-guided diffusion — Hu, Zhang, Asano, Burghouts, Snoek, "Self-Guided
 Diffusion Models", CVPR 2023, arXiv 2210.06462. Reference code: dongzhuoyao/self-guided-diffusion-
-models @ be8f452 (read, not copied; summarised in /work/notes/self_guided.md). Every choice and
+models @ be8f452 (read, not copied). Every choice and
 every difference from that release is listed below.
 
 The method. A self-supervised feature function f and a self-annotation function ξ (k-means)
@@ -388,6 +388,7 @@ class SelfGuided(DDPMFinetune):
     family = "diffusion"
     Config = SelfGuidedConfig
     wants_index = True
+    uses_domain_encoder = True
 
     def __init__(self, config: SelfGuidedConfig, source: DiffusionSource, device: torch.device, seed: int = 0,
                  perf: DevicePerf | None = None, encoder: Any = None):
@@ -404,6 +405,10 @@ class SelfGuided(DDPMFinetune):
         super().__init__(config, DiffusionSource(net, source.scheduler, source.origin), device, seed, perf)
         self.labels: torch.Tensor | None = None  # pseudo-labels of the prepared images, on the device
         self.annotator: Annotator | None = self.source_annotator if config.target_labels == "nearest_source" else None
+
+    def check_unet(self, unet: torch.nn.Module) -> None:
+        if not isinstance(unet, ConditionalUNet):  # the constructor has wrapped a plain source already
+            raise SourceModelError(f"{self.key}: expected a class-conditional UNet (ConditionalUNet)")
 
     # -- building ---------------------------------------------------------------------------
     def _build_network(self, config: SelfGuidedConfig, source: DiffusionSource, device, seed: int) -> ConditionalUNet:

@@ -3,7 +3,7 @@ Generation", CVPR 2022 (arXiv 2205.03805).
 
 No training or loss code was released (yunqing-me/A-Closer-Look-at-FSIG holds a README and a
 ``model.py`` whose Generator/Discriminator also return intermediate features). What follows is our
-reading of the method (METHODS.md, "DCL"); every detail marked *unverified* is a choice we made
+reading of the method (the paper, Sec. 3); every detail marked *unverified* is a choice we made
 and wrote down here, not something we could check against the authors' code.
 
 On top of ``gan_finetune`` (StyleGAN2 G and D fine-tuned on the shots), with a frozen copy G_s of

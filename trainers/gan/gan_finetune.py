@@ -15,7 +15,7 @@ One ``train_step`` is one iteration of rosinality/stylegan2-pytorch's ``train.py
 Choices (and why):
 
 * Adam lr 0.002, betas (0, 0.99), batch 4: the setting of CDC (Ojha et al. 2021) and of the methods
-  built on it (METHODS.md, "GAN base"). StyleGAN2's lazy-regularisation correction
+  built on it. StyleGAN2's lazy-regularisation correction
   (Karras et al. 2020, appendix B: lr·c, betas**c with c = k/(k+1)) is applied to D when R1 is on
   and to G when path-length regularisation is on (rosinality applies it to G always; without any
   G regulariser there is nothing to correct for).

@@ -29,8 +29,8 @@ Choices, and where we depart from the release (each noted):
 * **Cluster members by batch index.** The release loops ``for pos2 in range(cluster_length)`` and
   compares ``w[pos2]``, ``feats[l][pos2]``, ``fake_img[pos2]`` — the first ``cluster_length``
   samples of the whole batch, not the cluster's members. We use the members' batch indices (the
-  paper's intent; METHODS.md). The release divides the pair sum by the number of clusters with ≥ 2
-  members; we take the mean over pairs, as METHODS.md states the loss. No pairs (every cluster of
+  paper's intent). The release divides the pair sum by the number of clusters with ≥ 2
+  members; we take the mean over pairs, as the paper states the loss. No pairs (every cluster of
   size one) → the term is 0 (the release would divide by zero). Denominators are clamped at 1e-12
   (never active for distinct random z) so that a degenerate pair cannot give inf/NaN.
 * **Distance for the clusters** (``cluster_distance``): LPIPS weights are not available

@@ -1,7 +1,7 @@
 """One call that computes every metric of a set of generated samples against a target task.
 
 ``evaluate(samples, reference, shots, extractors)`` returns a flat ``dict[str, float]`` whose keys
-name the network that produced each number (DESIGN.md: a number is never silently made with a
+name the network that produced each number (a number is never silently made with a
 different network):
 
 ===========================  ==================================================================
