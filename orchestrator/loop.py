@@ -263,6 +263,12 @@ def run_loop(job: Job, session: Session) -> LoopResult:
         samples = method.sample(run.grid_size, steps=sampling_steps, seed=run.seed)
         tracking.log_image_grid(uri, run_id, samples.numpy(), f"samples/{name}.png")
 
+    if log:  # where this attempt runs, and what it resumed from (a restart after a fault, a resume)
+        tags = {"orchestrate.node_id": session.node_id}
+        if start > 0:
+            tags["orchestrate.restored_from_step"] = str(start)
+        for k, v in tags.items():
+            tracking.client(uri).set_tag(run_id, k, v)
     if log and start == 0:
         tracking.log_params(uri, run_id, {"trainable_parameters": str(method.trainable_parameters()),
                                           "world_size": str(world), "device": str(device),
@@ -336,10 +342,26 @@ def run_loop(job: Job, session: Session) -> LoopResult:
                 checkpoint = Path(tmp)
                 if rank == 0:
                     torch.save({"method": method.state_dict(), "step": step + 1}, checkpoint / STATE_FILE)
-                torch.save(capture(method, batch_gen), checkpoint / f"rng_rank{rank}.pt")
+                rng = capture(method, batch_gen)
+                if last:  # every rank's weights at the end: data-parallel ranks must agree
+                    rng["weights_sha256"] = weights_digest(method)
+                torch.save(rng, checkpoint / f"rng_rank{rank}.pt")
             session.report(report, checkpoint)
         window = _Window()
     return LoopResult(reports[-1] if reports else {}, export, reports)
+
+
+def weights_digest(method) -> str:
+    """sha256 of every trained network's parameters (what data-parallel ranks must share)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, module in sorted(method.networks().items()):
+        for pname, p in module.state_dict().items():
+            h.update(f"{name}.{pname}".encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                     if p.dtype != torch.bool else p.cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def finish(job: Job, method, log: bool) -> ArtifactRef:

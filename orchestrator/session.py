@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,6 +27,7 @@ import torch
 from orchestrator.storage import filesystem, join
 
 _CKPT = re.compile(r"checkpoint_(\d{6,})$")
+COMPLETE = "COMPLETE"
 
 
 class Session:
@@ -148,11 +148,13 @@ class StoreSession(Session):
         return self._node
 
     def checkpoints(self) -> list[str]:
+        """Complete checkpoints (their ``COMPLETE`` marker, written last, is there), oldest first."""
         fs, root = filesystem(self.uri)
         if not fs.exists(root):
             return []
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-        return sorted((n for n in names if _CKPT.match(n)), key=lambda n: int(_CKPT.match(n).group(1)))
+        names = [n for n in names if _CKPT.match(n) and fs.exists(join(root, n, COMPLETE))]
+        return sorted(names, key=lambda n: int(_CKPT.match(n).group(1)))
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -164,29 +166,26 @@ class StoreSession(Session):
         with tempfile.TemporaryDirectory() as tmp:
             src = join(root, found[-1])
             for path in fs.ls(src, detail=False):
-                fs.get_file(path, str(Path(tmp) / path.rstrip("/").rsplit("/", 1)[-1]))
+                name = path.rstrip("/").rsplit("/", 1)[-1]
+                if name != COMPLETE:
+                    fs.get_file(path, str(Path(tmp) / name))
             yield Path(tmp)
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         self.reports.append(dict(metrics))
         if checkpoint is not None:
+            # Object stores have no atomic folder rename: the files go to their final place and
+            # a COMPLETE marker is written last; a checkpoint without it is ignored (and replaced).
             fs, root = filesystem(self.uri)
-            name = f"checkpoint_{int(metrics['step']):06d}"
-            tmp_name = join(root, f".{name}.partial")
-            fs.makedirs(tmp_name, exist_ok=True)
+            target = join(root, f"checkpoint_{int(metrics['step']):06d}")
+            if fs.exists(target):
+                fs.rm(target, recursive=True)
+            fs.makedirs(target, exist_ok=True)
             for f in sorted(Path(checkpoint).iterdir()):
-                fs.put_file(str(f), join(tmp_name, f.name))
-            final = join(root, name)
-            if fs.exists(final):
-                fs.rm(final, recursive=True)
-            fs.mv(tmp_name, final, recursive=True)  # complete checkpoints only under their real name
+                fs.put_file(str(f), join(target, f.name))
+            with fs.open(join(target, COMPLETE), "wb") as marker:
+                marker.write(b"ok")
             for old in self.checkpoints()[:-self.keep]:
                 fs.rm(join(root, old), recursive=True)
         if self.on_report is not None:
             self.on_report(dict(metrics))
-
-
-def copy_tree(src: Path, dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        (shutil.copytree if f.is_dir() else shutil.copy2)(f, dest / f.name)

@@ -47,7 +47,10 @@ def filesystem(uri: str):
     import fsspec
 
     if is_remote(uri):
-        return fsspec.core.url_to_fs(uri)
+        fs, path = fsspec.core.url_to_fs(uri)
+        # Other processes and nodes write here too: never answer from a listing cached earlier.
+        fs.invalidate_cache()
+        return fs, path
     return fsspec.filesystem("file"), str(Path(uri).expanduser().resolve())
 
 

@@ -117,3 +117,34 @@ def test_bad_data_fails_before_ray_with_a_clear_message(ray_local, workspace):
     res = cli("train", "ddpm_finetune", *tiny_args(task))
     assert res.exit_code == 2
     assert "broken.png" in res.output and "Traceback" not in res.output
+
+
+GAN_SOURCE = {"family": "stylegan2", "pretrain": {"data": "synthetic:source", "count": 64, "preset": "tiny",
+                                                  "steps": 20, "batch_size": 8, "lr": None, "encoder_steps": 20}}
+
+
+@pytest.mark.parametrize("method", ["ddpm_finetune", "gan_finetune"])
+def test_two_data_parallel_workers(ray_local, workspace, method):
+    """--workers 2 (gloo on the CPU): both ranks end with equal weights; the run's metrics and
+    checkpoints are written once (rank 0), each rank's RNG state beside them."""
+    import torch
+
+    from tests.tiny import TINY_RUN
+
+    gan = method == "gan_finetune"
+    task = write_tiny_task(workspace, name=f"dp-{method}", **({"source": GAN_SOURCE} if gan else {}))
+    sets = [x for s in TINY_RUN if not (gan and s.startswith("sample_steps")) for x in ("--set", s)]
+    res = cli("train", method, "--task", str(task), "--tracking-uri", "sqlite:///mlflow.db", "--storage", "runs",
+              *sets, "--name", f"dp-{method}", "--workers", "2", "--set", "run.cpus_per_worker=1")
+    assert res.exit_code == 0, res.output
+    uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
+    _, runs = experiment_runs(uri, method)
+    run = next(r for r in runs if r.info.run_name == f"dp-{method}")
+    assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
+    steps = [s for s, _ in tracking.metric_history(uri, run.info.run_id, "loss")]
+    assert steps == list(range(1, 21))  # written once
+    last = sorted(p for p in (workspace / "runs" / f"dp-{method}").glob("checkpoint_*") if p.is_dir())[-1]
+    files = sorted(p.name for p in last.iterdir())
+    assert files.count("state.pt") == 1 and {"rng_rank0.pt", "rng_rank1.pt"} <= set(files)
+    digests = {torch.load(last / f"rng_rank{r}.pt", weights_only=False)["weights_sha256"] for r in (0, 1)}
+    assert len(digests) == 1  # the ranks hold equal parameters

@@ -1,0 +1,143 @@
+"""Exact resume through the one training loop, without Ray: a run interrupted after a checkpoint and
+started again is bit-identical to an uninterrupted one (every report's losses, the exported
+weights, the final metrics) for every method; checkpoints load on the CPU whatever wrote them."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.artifacts import fetch, publish
+from orchestrator.config import parse_overrides, resolve
+from orchestrator.inputs import make_job, prepare
+from orchestrator.loop import run_loop
+from orchestrator.session import StoreSession
+from orchestrator.sources import ResolvedSource
+from tests.tiny import TINY_RUN, write_tiny_task
+
+METHODS = ["ddpm_finetune", "ddpm_pa", "dual_output", "self_guided", "gan_finetune", "dcl", "lfs_gan"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """A tiny DDPM and a tiny StyleGAN2 source on disk, and a module-wide cache."""
+    import os
+
+    from trainers.diffusion.backbone import build_unet, default_scheduler, save_source
+    from trainers.gan.pretrain import GANPretrain, GANPretrainConfig
+    from trainers.gan.source import save_gan_source
+
+    root = tmp_path_factory.mktemp("resume")
+    saved = os.environ.get("ORCHESTRATE_CACHE")
+    os.environ["ORCHESTRATE_CACHE"] = str(root / "cache")
+    torch.manual_seed(0)
+    save_source(build_unet("tiny", 16), default_scheduler(), root / "ddpm")
+    g = GANPretrain(GANPretrainConfig(preset="tiny"), 16, "cpu")
+    save_gan_source(root / "gan", g.g, g.g_ema, g.d)
+    yield root
+    if saved is None:
+        os.environ.pop("ORCHESTRATE_CACHE", None)
+    else:
+        os.environ["ORCHESTRATE_CACHE"] = saved
+
+
+def _job(root: Path, method: str, name: str):
+    gan = method in ("gan_finetune", "dcl", "lfs_gan")
+    overrides = parse_overrides([s for s in TINY_RUN if not s.startswith("sample_steps")])
+    overrides.update({"task.source.model": str(root / ("gan" if gan else "ddpm")),
+                      "task.source.family": "stylegan2" if gan else "ddpm",
+                      "run.steps": 30, "run.report_every": 5, "run.checkpoint_every": 10})
+    if method in ("ddpm_finetune", "ddpm_pa", "dual_output", "self_guided"):
+        overrides["sample_steps"] = 3
+    task = write_tiny_task(root)
+    cfg = resolve(method, task, overrides=overrides)
+    storage = str(root / "runs")
+    src = root / ("gan" if gan else "ddpm")
+    inputs = prepare(cfg, storage=storage, source=ResolvedSource(publish(src, storage), None, src))
+    return make_job(cfg, inputs, name=name, storage=storage)
+
+
+def _run(job, stop_after: int | None = None):
+    def on_report(metrics):
+        if stop_after is not None and metrics["step"] == stop_after:
+            raise Interrupt
+
+    session = StoreSession(job.storage, job.name, on_report=on_report)
+    try:
+        return run_loop(job, session), session
+    except Interrupt:
+        return None, session
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_interrupted_and_resumed_run_is_bit_identical(sources, method):
+    straight, s0 = _run(_job(sources, method, f"{method}-straight"))
+    _, s1 = _run(_job(sources, method, f"{method}-resumed"), stop_after=15)  # checkpoint at 10
+    assert [c.rsplit("_", 1)[-1] for c in s1.checkpoints()] == ["000010"]
+    resumed, s2 = _run(_job(sources, method, f"{method}-resumed"))
+    assert s2.reports[0]["step"] == 15  # continued after the checkpoint at 10, not from scratch
+    before = {r["step"]: r for r in s0.reports}
+    after = {r["step"]: r for r in s1.reports + s2.reports}
+    assert sorted(before) == sorted(after)
+    for step, r in before.items():
+        assert r["loss"] == after[step]["loss"], (method, step)
+    assert _digest(fetch(straight.export)) == _digest(fetch(resumed.export))
+    assert straight.export == resumed.export  # the same content digest
+    for key in ("fid_domain", "intra_dist_domain", "kid_domain"):
+        assert straight.metrics[key] == resumed.metrics[key], key
+
+
+def test_checkpoints_load_on_the_cpu_and_rng_states_restore_with_their_own_apis(tmp_path):
+    """A checkpoint written on one device restores on another: tensors are loaded with
+    map_location='cpu' whatever the caller's device, and RNG states (which only CPU ByteTensors
+    can set) go through torch's own setters."""
+    from orchestrator.rng import capture, load_state, restore
+    from trainers.diffusion.backbone import build_unet, default_scheduler
+    from trainers.diffusion.ddpm_finetune import DDPMFinetune, DDPMFinetuneConfig
+    from trainers.diffusion.backbone import DiffusionSource
+
+    m = DDPMFinetune(DDPMFinetuneConfig(), DiffusionSource(build_unet("tiny", 16), default_scheduler(), "t"), "cpu")
+    gen = torch.Generator().manual_seed(3)
+    torch.save({"method": m.state_dict(), "rng": capture(m, gen)}, tmp_path / "state.pt")
+    expected = torch.rand(3, generator=gen), torch.rand(3), torch.rand(3, generator=m.generator)
+    state = load_state(tmp_path / "state.pt")
+    assert all(t.device.type == "cpu" for t in state["method"]["unet"].values())
+    m2 = DDPMFinetune(DDPMFinetuneConfig(), DiffusionSource(build_unet("tiny", 16), default_scheduler(), "t"), "cpu")
+    m2.load_state_dict(state["method"])
+    gen2 = torch.Generator()
+    restore(state["rng"], m2, gen2)
+    assert torch.equal(torch.rand(3, generator=gen2), expected[0])
+    assert torch.equal(torch.rand(3), expected[1])
+    assert torch.equal(torch.rand(3, generator=m2.generator), expected[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: saves on CUDA, restores elsewhere")
+@pytest.mark.parametrize("method", ["ddpm_finetune", "gan_finetune", "lfs_gan"])
+def test_cuda_checkpoint_resumes(sources, method, tmp_path):
+    from orchestrator.rng import capture, load_state, restore
+    from orchestrator.loop import build_method
+
+    job = _job(sources, method, f"{method}-cuda")
+    m, _ = build_method(job, torch.device("cuda"), 0)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    torch.save({"method": m.state_dict(), "rng": capture(m, gen)}, tmp_path / "s.pt")
+    state = load_state(tmp_path / "s.pt")
+    for device in ("cuda", "cpu"):
+        m2, _ = build_method(job, torch.device(device), 0)
+        m2.load_state_dict(state["method"])
+        restore(state["rng"], m2, torch.Generator(device=device))
