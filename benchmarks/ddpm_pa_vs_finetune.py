@@ -73,7 +73,8 @@ from orchestrator.sources import (  # noqa: E402
 )
 from orchestrator.storage import data_cache_dir  # noqa: E402
 from trainers.data import TARGET_DOMAINS, load_images, to_tensor  # noqa: E402
-from trainers.diffusion.backbone import ddim_sample, load_source, random_batch, save_source  # noqa: E402
+from trainers.common import random_batch  # noqa: E402
+from trainers.diffusion.backbone import ddim_sample, load_source, save_source  # noqa: E402
 from trainers.diffusion.ddpm_finetune import DDPMFinetune  # noqa: E402
 from trainers.diffusion.ddpm_pa import DDPMPA  # noqa: E402
 from trainers.diffusion.pretrain import DDPMPretrain  # noqa: E402

@@ -87,7 +87,7 @@ from orchestrator.config import PretrainSpec, TaskConfig, builtin_task  # noqa: 
 from orchestrator.sources import cached_source_path, encoder_path, is_ready  # noqa: E402
 from orchestrator.storage import cache_home, data_cache_dir  # noqa: E402
 from trainers.data import TARGET_DOMAINS, load_images, to_tensor  # noqa: E402
-from trainers.diffusion.backbone import random_batch  # noqa: E402
+from trainers.common import random_batch  # noqa: E402
 from trainers.gan.dcl import DCL  # noqa: E402
 from trainers.gan.gan_finetune import GANFinetune  # noqa: E402
 from trainers.gan.pretrain import GANPretrain  # noqa: E402

@@ -192,5 +192,30 @@ def _run_with_train(job: Job, uri: str, run_id: str, experiment: str, resumed: b
     from orchestrator.progress import ProgressPrinter
 
     with ProgressPrinter(uri, run_id, job.name, run.steps):
-        result = trainer.fit()
+        result = fit_in_thread(trainer)
     return dict(result.metrics or {})
+
+
+def fit_in_thread(trainer):
+    """``trainer.fit()`` in a helper thread. Called in the main thread, Ray Train installs its own
+    SIGINT handler, which turns Ctrl-C into a quiet "graceful abort" whose fit() may even return
+    normally; ours (orchestrator.interrupts) must decide: the run is recorded KILLED and the
+    command exits 130. The Train controller is an actor owned by this driver, so it stops when
+    the driver shuts Ray down or disconnects."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # short waits: signals reach the main thread between them
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

@@ -218,7 +218,7 @@ def _fit_torch_trainer(job, static: dict[str, Any]) -> None:
     if static["gpus"]:
         resources["GPU"] = static["gpus"]
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(run.start_timeout_s)
-    TorchTrainer(
+    trainer = TorchTrainer(
         train_loop, train_loop_config={"job": job.model_dump(mode="json")},
         scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=bool(static["gpus"]),
                                                resources_per_worker=resources),
@@ -227,7 +227,8 @@ def _fit_torch_trainer(job, static: dict[str, Any]) -> None:
             callbacks=[TuneReportCallback()],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=run.max_failures, controller_failure_limit=0)),
-    ).fit()
+    )
+    trainer.fit()  # inside a Tune trial: not the main thread, Ray Train installs no signal handler
 
 
 def sequence_trial(params: dict[str, Any], *, static: dict[str, Any]) -> None:
