@@ -47,7 +47,17 @@ def default_artifact_root(tracking_uri: str) -> str | None:
 def client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
+    _quiet_store_logs()
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _quiet_store_logs() -> None:
+    """MLflow logs "Creating initial MLflow database tables..." and its migrations at INFO when a
+    SQLite store is new: not the user's business (failures still show)."""
+    import logging
+
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def get_or_create_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:

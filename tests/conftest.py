@@ -114,10 +114,65 @@ def ray_local():
         ray.shutdown()
 
 
+def _pretrain_in_process(task, storage: str) -> None:
+    """Pretrain ``task``'s tiny source with the one training loop, in this process (no Ray), into
+    the node cache under its pretraining key: what ``orchestrate pretrain`` would leave there."""
+    from orchestrator.artifacts import fetch, publish_array
+    from orchestrator.config import RunSettings
+    from orchestrator.job import Job
+    from orchestrator.loop import run_loop
+    from orchestrator.session import StoreSession
+    from orchestrator.sources import _enter_local, cached_source_path, pretrain_key
+    from trainers.data import load_images
+    from trainers.registry import pretrainer
+
+    spec, family = task.source.pretrain, task.source.family
+    cls = pretrainer(family, spec.pretrainer)
+    settings = {"preset": spec.preset, "batch_size": spec.batch_size, **({"lr": spec.lr} if spec.lr else {})}
+    images = load_images(spec.data, task.resolution, count=spec.count, seed=spec.seed)
+    job = Job(kind="pretrain", name=pretrain_key(task), method=cls.key, family=family, resolution=task.resolution,
+              method_config=cls.Config(**settings).model_dump(mode="json"),
+              run=RunSettings(steps=spec.steps, report_every=spec.steps, seed=spec.seed), storage=storage,
+              data=publish_array(images, storage))
+    result = run_loop(job, StoreSession(storage, job.name))
+    _enter_local(fetch(result.export), cached_source_path(task))
+
+
+@pytest.fixture(scope="session")
+def tiny_sources(tmp_path_factory):
+    """The tiny DDPM and StyleGAN2 sources and the domain encoder that the end-to-end tests' task
+    files describe, trained once per session (in process), so that a test pretrains only when it
+    tests pretraining (``@pytest.mark.cold_cache``)."""
+    from orchestrator.config import TaskConfig
+    from orchestrator.sources import domain_encoder_for
+    from tests.tiny import GAN_SOURCE, TINY_TASK
+
+    root = tmp_path_factory.mktemp("tiny-sources")
+    saved = os.environ.get("ORCHESTRATE_CACHE")
+    os.environ["ORCHESTRATE_CACHE"] = str(root / "cache")
+    try:
+        for source in (TINY_TASK["source"], GAN_SOURCE):
+            task = TaskConfig.model_validate({**TINY_TASK, "source": source})
+            _pretrain_in_process(task, str(root / "runs"))
+            domain_encoder_for(task)
+    finally:
+        if saved is None:
+            os.environ.pop("ORCHESTRATE_CACHE", None)
+        else:
+            os.environ["ORCHESTRATE_CACHE"] = saved
+    return root / "cache" / "sources"
+
+
 @pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    """A fresh working directory with its own caches, MLflow store and run storage."""
-    monkeypatch.setenv("ORCHESTRATE_CACHE", str(tmp_path / "cache"))
+def workspace(request, tmp_path, monkeypatch):
+    """A fresh working directory with its own caches, MLflow store and run storage. Its cache
+    starts with the session's tiny sources and encoder, unless the test is marked cold_cache."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    if request.node.get_closest_marker("cold_cache") is None:
+        shutil.copytree(request.getfixturevalue("tiny_sources"), cache / "sources")
+    monkeypatch.setenv("ORCHESTRATE_CACHE", str(cache))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.chdir(tmp_path)

@@ -16,13 +16,11 @@ import yaml
 
 from orchestrator import tracking
 from tests.harness import Cluster, can_isolate
-from tests.tiny import TINY_RUN
+from tests.tiny import GAN_SOURCE, TINY_RUN
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(can_isolate() is not None, reason=str(can_isolate()))]
 
-GAN_SOURCE = {"family": "stylegan2", "pretrain": {"data": "synthetic:source", "count": 64, "preset": "tiny",
-                                                  "steps": 20, "batch_size": 8, "lr": None, "encoder_steps": 20}}
 
 
 def sets(pairs) -> list[str]:

@@ -53,3 +53,11 @@ def test_no_secrets_in_the_file():
     text = (REPO / "cluster.yaml").read_text()
     for needle in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "aws_secret", "BEGIN RSA"):
         assert needle not in text
+
+
+def test_every_node_gets_the_ray_auth_token_and_runs_in_token_mode(config):
+    mounts = config["file_mounts"]
+    assert mounts.get("/home/ray/.ray/auth_token") == "~/.ray/auth_token"
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert any("RAY_AUTH_MODE=token" in c for c in config["setup_commands"])  # drivers on the head

@@ -3,13 +3,10 @@
 import pytest
 
 from orchestrator import tracking
-from tests.tiny import cli, experiment_runs, write_tiny_task
+from tests.tiny import GAN_SOURCE, cli, experiment_runs, write_tiny_task
 
 pytestmark = pytest.mark.slow
 
-GAN_SOURCE = {"family": "stylegan2",
-              "pretrain": {"data": "synthetic:source", "count": 64, "preset": "tiny", "steps": 20,
-                           "batch_size": 8, "lr": None, "encoder_steps": 20}}
 GAN_RUN = ["run.steps=10", "run.report_every=5", "run.sample_every=5", "run.grid_size=4", "batch_size=4",
            "run.eval_samples=8", "run.final_eval_samples=12"]
 URI = ["--tracking-uri", "sqlite:///mlflow.db", "--storage", "runs"]
@@ -19,6 +16,7 @@ def sets(pairs):
     return [x for p in pairs for x in ("--set", p)]
 
 
+@pytest.mark.cold_cache
 def test_dcl_train_and_sweep_end_to_end(ray_local, workspace):
     task = write_tiny_task(workspace, name="tiny-gan", source=GAN_SOURCE)
     res = cli("pretrain", "stylegan2", "--task", str(task), *URI)

@@ -8,11 +8,12 @@ import time
 
 import pytest
 from orchestrator import tracking
-from tests.tiny import cli, experiment_runs, tiny_args, write_tiny_task
+from tests.tiny import GAN_SOURCE, cli, experiment_runs, tiny_args, write_tiny_task
 
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.cold_cache
 def test_train_cli_records_run_and_second_invocation_is_a_no_op(ray_local, workspace):
     task = write_tiny_task(workspace)
     res = cli("train", "ddpm_finetune", *tiny_args(task, "--name", "first"))
@@ -53,7 +54,7 @@ def test_train_cli_records_run_and_second_invocation_is_a_no_op(ray_local, works
 
 def test_killed_run_resumes_from_its_checkpoint(ray_local, workspace):
     task = write_tiny_task(workspace)
-    args = tiny_args(task, "--name", "killme", "--set", "run.steps=400", "--set", "run.report_every=5",
+    args = tiny_args(task, "--name", "killme", "--set", "run.steps=120", "--set", "run.report_every=5",
                      "--set", "run.sample_every=1000")
     # a short lease: the killed CLI's run is stale 3 s after its last heartbeat
     env = {**os.environ, "RAY_ADDRESS": ray_local, "PYTHONUNBUFFERED": "1", "ORCHESTRATE_LEASE_TTL_S": "3"}
@@ -74,7 +75,7 @@ def test_killed_run_resumes_from_its_checkpoint(ray_local, workspace):
     _, runs = experiment_runs(uri, "ddpm_finetune")
     assert runs[0].info.status == "RUNNING"  # the driver died without a word
     killed_at = max(s for s, _ in tracking.metric_history(uri, runs[0].info.run_id, "loss"))
-    assert killed_at < 400
+    assert killed_at < 120
     time.sleep(4)  # the killed invocation's lease goes stale
 
     res = cli("train", "ddpm_finetune", *args)  # the same command again: takes the stale run over
@@ -85,7 +86,7 @@ def test_killed_run_resumes_from_its_checkpoint(ray_local, workspace):
     assert runs[0].data.tags["orchestrate.resumed"] == "1"
     steps = [s for s, _ in tracking.metric_history(uri, runs[0].info.run_id, "loss")]
     # resumed after the last checkpoint, not from scratch, and no step was logged twice
-    assert steps == list(range(1, 401))
+    assert steps == list(range(1, 121))
 
 
 def test_exception_inside_training_marks_the_run_failed(ray_local, workspace):
@@ -119,8 +120,6 @@ def test_bad_data_fails_before_ray_with_a_clear_message(ray_local, workspace):
     assert "broken.png" in res.output and "Traceback" not in res.output
 
 
-GAN_SOURCE = {"family": "stylegan2", "pretrain": {"data": "synthetic:source", "count": 64, "preset": "tiny",
-                                                  "steps": 20, "batch_size": 8, "lr": None, "encoder_steps": 20}}
 
 
 @pytest.mark.parametrize("method", ["ddpm_finetune", "gan_finetune"])

@@ -17,6 +17,11 @@ TINY_TASK = {
     "reference": {"data": "synthetic:sketch", "count": 32},
 }
 
+# The tiny StyleGAN2 source of the GAN and lifelong end-to-end tests.
+GAN_SOURCE = {"family": "stylegan2",
+              "pretrain": {"data": "synthetic:source", "count": 64, "preset": "tiny", "steps": 20,
+                           "batch_size": 8, "lr": None, "encoder_steps": 20}}
+
 TINY_RUN = ["run.steps=20", "run.report_every=10", "run.sample_every=10", "run.grid_size=4",
             "run.grid_sample_steps=2", "batch_size=4", "sample_steps=3", "run.eval_samples=8",
             "run.eval_sample_steps=2", "run.final_eval_samples=12", "run.final_eval_sample_steps=2"]
