@@ -1,21 +1,29 @@
 """Orchestration overhead of `orchestrate sweep` against the same trials run bare, in one process.
 
 Both sides run the same fixed-length trials of ``ddpm_finetune`` on a tiny task (16² images, the
-tiny UNet, the same steps, grids, evaluation samples and export):
-  (a) bare: a plain Python loop over the trainers' method, no Ray, no MLflow;
-  (b) sweep: ``run_sweep`` (Ray Tune + Optuna, each trial a Ray Train run, MLflow parent + child
-      runs on SQLite), trials one at a time (FIFO, no early stopping) so wall time per trial is
-      comparable, then two at a time to show what concurrency buys back on this machine.
-It prints the per-trial wall time of each, the per-trial overhead and the ratio.
+tiny UNet, the same steps, evaluation samples and export):
+  (a) bare: a plain Python loop over the trainers' method (build it from the source, train, final
+      evaluation, export) — what a hand-written script does, no Ray, no MLflow;
+  (b) sweep: ``run_sweep`` (Ray Tune + Optuna, MLflow parent + child runs on SQLite), each trial in
+      its Tune trial's own process (the single-worker path), one at a time (FIFO, no early
+      stopping) and then two at a time.
+Per-trial time of a sweep is the span from the first trial's start to the last trial's end (from
+the MLflow child runs) divided by the trials: the sweep's one-time setup (Ray start, publishing
+the inputs, reference statistics) is reported apart. Where a trial's seconds go comes from the
+loop's own phase timings (``time_<phase>_s``, logged to each child run); the rest of a trial's wall
+time (Tune scheduling, the trial process, MLflow run creation) is the "outside the loop" column.
 
-    python benchmarks/sweep_overhead.py [--trials 4] [--steps 100]
+    python benchmarks/sweep_overhead.py [--trials 4] [--steps 100 300]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,102 +31,135 @@ from pathlib import Path
 import torch
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def tiny_task(folder: Path, steps: int) -> Path:
-    task = {
-        "name": "bench-sketch", "resolution": 16,
-        "source": {"pretrain": {"count": 256, "preset": "tiny", "steps": 200, "batch_size": 16, "encoder_steps": 50}},
-        "target": {"data": "synthetic:sketch", "shots": 10},
-        "reference": {"data": "synthetic:sketch", "count": 200},
-    }
+RESULTS = Path(__file__).resolve().parent / "results"
+RUN = {"report_every": 25, "sample_every": 10 ** 6, "grid_size": 16, "grid_sample_steps": 5, "eval_samples": 32,
+       "eval_sample_steps": 5, "final_eval_samples": 64, "final_eval_sample_steps": 5, "eval_every": 0}
+PHASES = ("build", "data", "restore", "prepare", "metric_networks", "train", "grids", "eval", "mlflow",
+          "report", "checkpoint", "export")
+
+
+def tiny_task(folder: Path, source: Path) -> Path:
+    task = {"name": "bench-sketch", "resolution": 16,
+            "source": {"model": str(source), "pretrain": {"encoder_steps": 50, "count": 256}},
+            "target": {"data": "synthetic:sketch", "shots": 10},
+            "reference": {"data": "synthetic:sketch", "count": 200}}
     path = folder / "task.yaml"
     path.write_text(yaml.safe_dump(task))
     return path
 
 
-RUN = {"report_every": 25, "sample_every": 10**6, "grid_size": 16, "grid_sample_steps": 5, "eval_samples": 32,
-       "eval_sample_steps": 5, "final_eval_samples": 64, "final_eval_sample_steps": 5, "eval_every": 0}
-
-
-def bare_trials(cfg, source: str, encoder: str, n: int) -> list[float]:
-    """The same work as one trial's worker, in a plain loop."""
+def bare_trial(cfg, source: Path, encoder: Path, seed: int) -> float:
+    """The same work as one trial, in a plain loop."""
+    from trainers.common import random_batch
     from trainers.data import load_images, to_tensor
-    from trainers.diffusion.backbone import load_source, random_batch
     from trainers.metrics import available_extractors, evaluate
-    from trainers.registry import get_method
+    from trainers.registry import get_method, load_source_model
 
-    times = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        cls = get_method(cfg.method)
-        method = cls(cls.Config.model_validate(cfg.method_config), load_source(source), torch.device("cpu"), seed=i)
-        t = cfg.task
-        shots = to_tensor(load_images(t.target.data, t.resolution, count=t.target.shots, seed=t.target.seed))
-        ref = to_tensor(load_images(t.reference.data, t.resolution, count=t.reference.count, seed=t.reference.seed))
-        extractors = available_extractors(["domain"], encoder)
-        method.sample(cfg.run.grid_size, steps=cfg.run.grid_sample_steps)
-        gen = torch.Generator().manual_seed(i)
-        for _ in range(cfg.run.steps):
-            method.train_step(random_batch(shots, method.config.batch_size, gen))
-        samples = method.sample(cfg.run.final_eval_samples, steps=cfg.run.final_eval_sample_steps)
-        evaluate(samples, ref, shots, extractors)
-        method.sample(cfg.run.grid_size)
-        with tempfile.TemporaryDirectory() as tmp:
-            method.export(Path(tmp) / "model")
-        times.append(time.perf_counter() - t0)
-    return times
+    t0 = time.perf_counter()
+    cls = get_method(cfg.method)
+    method = cls(cls.Config.model_validate(cfg.method_config), load_source_model("ddpm", str(source), "cpu"),
+                 torch.device("cpu"), seed=seed)
+    t = cfg.task
+    shots = to_tensor(load_images(t.target.data, t.resolution, count=t.target.shots, seed=t.target.seed))
+    ref = to_tensor(load_images(t.reference.data, t.resolution, count=t.reference.count, seed=t.reference.seed))
+    extractors = available_extractors(["domain"], encoder)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(cfg.run.steps):
+        out = method.train_step(random_batch(shots, method.config.batch_size, gen))
+    float(out["loss"])
+    samples = method.sample(cfg.run.final_eval_samples, steps=cfg.run.final_eval_sample_steps)
+    evaluate(samples, ref, shots, extractors)
+    with tempfile.TemporaryDirectory() as tmp:
+        method.export(Path(tmp) / "model")
+    return time.perf_counter() - t0
+
+
+def sweep_trials(cfg, trials: int, concurrent: int, name: str) -> dict:
+    from orchestrator import tracking
+    from orchestrator.sweep import SweepSettings, run_sweep
+
+    settings = SweepSettings(num_samples=trials, max_concurrent=concurrent, metrics=["loss"], modes=["min"],
+                             scheduler="fifo")
+    t0 = time.time()
+    res = run_sweep(cfg, {"lr": 1e-4}, settings, name=name, tracking_uri="sqlite:///mlflow.db", storage="runs",
+                    verbose=0)
+    wall = time.time() - t0
+    c = tracking.client(res.tracking_uri)
+    kids = c.search_runs([res.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    starts = [k.info.start_time / 1000 for k in kids]
+    ends = [k.info.end_time / 1000 for k in kids]
+    span = max(ends) - min(starts)
+    phases = {p: statistics.mean(k.data.metrics.get(f"time_{p}_s", 0.0) for k in kids) for p in PHASES}
+    trial_wall = statistics.mean(e - s for s, e in zip(starts, ends))
+    return {"per_trial": span / trials, "setup": min(starts) - t0, "wall": wall, "trial_wall": trial_wall,
+            "phases": phases, "outside_loop": trial_wall - sum(phases.values())}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, nargs="*", default=[100, 300])
     args = ap.parse_args()
-    torch.set_num_threads(1)  # what one Train worker gets (cpus_per_worker 0.99 -> 1 thread)
 
+    rows = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         os.environ["ORCHESTRATE_CACHE"] = str(work / "cache")
         os.chdir(work)
-        import ray
-
         from orchestrator.config import resolve
-        from orchestrator.launch import init_ray
-        from orchestrator.sources import source_for
-        from orchestrator.sweep import SweepSettings, run_sweep
-        from orchestrator.train import check_inputs
+        from orchestrator.raycluster import init_ray, shutdown
+        from orchestrator.sources import domain_encoder_for
+        from trainers.diffusion.backbone import build_unet, default_scheduler, save_source
 
-        overrides = {f"run.{k}": v for k, v in RUN.items()}
-        overrides.update({"run.steps": args.steps, "batch_size": 8, "ema_decay": 0.0})
-        cfg = resolve("ddpm_finetune", tiny_task(work, args.steps), overrides=overrides)
-        init_ray(num_cpus=2)
+        torch.manual_seed(0)
+        save_source(build_unet("tiny", 16), default_scheduler(), work / "source")
+        started = init_ray(num_cpus=2)
         try:
-            encoder = check_inputs(cfg)
-            source = source_for(cfg.task, tracking_uri="sqlite:///mlflow.db", storage="runs")  # cached, untimed
-            bare_trials(cfg, source, encoder, 1)  # warm caches and imports
-            bare = bare_trials(cfg, source, encoder, args.trials)
-
-            space = {"lr": 1e-4}  # a constant: every trial does the same work
-            rows = []
-            for concurrent in (1, 2):
-                settings = SweepSettings(num_samples=args.trials, max_concurrent=concurrent, metrics=["loss"],
-                                         modes=["min"], scheduler="fifo")
-                t0 = time.perf_counter()
-                run_sweep(cfg, space, settings, name=f"bench-{concurrent}", tracking_uri="sqlite:///mlflow.db",
-                          storage="runs", verbose=0)
-                rows.append((concurrent, (time.perf_counter() - t0) / args.trials))
+            for steps in args.steps:
+                overrides = {f"run.{k}": v for k, v in RUN.items()}
+                overrides.update({"run.steps": steps, "batch_size": 8, "ema_decay": 0.0})
+                cfg = resolve("ddpm_finetune", tiny_task(work, work / "source"), overrides=overrides)
+                encoder = domain_encoder_for(cfg.task)
+                torch.set_num_threads(1)  # what one trial process gets (1 CPU)
+                bare_trial(cfg, work / "source", encoder, 0)  # warm caches and imports
+                bare = [bare_trial(cfg, work / "source", encoder, i) for i in range(args.trials)]
+                torch.set_num_threads(os.cpu_count() or 1)
+                row = {"steps": steps, "bare": statistics.mean(bare)}
+                for concurrent in (1, 2):
+                    row[f"sweep{concurrent}"] = sweep_trials(cfg, args.trials, concurrent, f"bench-{steps}-{concurrent}")
+                rows.append(row)
+                print(json.dumps(row, indent=1), flush=True)
         finally:
-            ray.shutdown()
+            shutdown(started)
 
-    bare_mean = sum(bare) / len(bare)
-    print(f"\nSweep overhead: {args.trials} trials x {args.steps} steps of ddpm_finetune (16², tiny UNet, "
-          f"batch 8), {os.cpu_count()} CPUs, torch {torch.__version__}, {platform.processor() or platform.machine()}")
-    print("| variant | wall s / trial | overhead s / trial | ratio vs bare |")
-    print("|---|---:|---:|---:|")
-    print(f"| bare loop, one process | {bare_mean:.1f} | 0.0 | 1.00 |")
-    for concurrent, per_trial in rows:
-        print(f"| orchestrate sweep, {concurrent} at a time | {per_trial:.1f} | {per_trial - bare_mean:+.1f} | "
-              f"{per_trial / bare_mean:.2f} |")
+    meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "date": time.strftime("%Y-%m-%d"), "trials": args.trials, "load_before": load_before,
+            "load_after": os.getloadavg()[0]}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "sweep_overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [f"Sweep overhead: {args.trials} trials of ddpm_finetune per variant (16², tiny UNet, batch 8, "
+             f"64-sample final evaluation), {meta['cpus']} CPUs, torch {meta['torch']}, {meta['date']}; load "
+             f"average {meta['load_before']:.2f} before, {meta['load_after']:.2f} after.", "",
+             "| steps | variant | s / trial | overhead s / trial | ratio vs bare | sweep setup s (once) |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['steps']} | bare loop, one process, 1 thread | {r['bare']:.1f} | 0.0 | 1.00 | |")
+        for c in (1, 2):
+            s = r[f"sweep{c}"]
+            lines.append(f"| {r['steps']} | orchestrate sweep, {c} at a time | {s['per_trial']:.1f} | "
+                         f"{s['per_trial'] - r['bare']:+.1f} | {s['per_trial'] / r['bare']:.2f} | {s['setup']:.1f} |")
+    lines += ["", "Where a sweep trial's seconds go (one at a time; mean over its trials, from the loop's "
+              "`time_<phase>_s`):", "", "| steps | " + " | ".join(PHASES) + " | outside the loop | trial wall |",
+              "|---:|" + "---:|" * (len(PHASES) + 2)]
+    for r in rows:
+        s = r["sweep1"]
+        lines.append(f"| {r['steps']} | " + " | ".join(f"{s['phases'][p]:.2f}" for p in PHASES)
+                     + f" | {s['outside_loop']:.2f} | {s['trial_wall']:.2f} |")
+    (RESULTS / "sweep_overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -325,6 +326,62 @@ def best(
         console.print(f"Best config written to [bold]{path}[/]: orchestrate train {method} --config {path}")
 
 
+@app.command("pretrain-classifier")
+def pretrain_classifier(
+    export: Path = typer.Option(..., help="where to write the classifier (.safetensors)"),
+    resolution: int = typer.Option(32, help="image size it classifies at"),
+    steps: int = typer.Option(800, help="training steps"),
+    per_domain: int = typer.Option(2000, help="training images rendered per domain"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the supervised classifier of the six built-in synthetic domains (the truth check
+    behind `target_rate_domain`) on rendered images; report its held-out accuracy."""
+    import torch
+
+    from trainers.data import DOMAINS, render
+    from trainers.metrics.domain_classifier import confusion, train_domain_classifier
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    train = {d: render(d, per_domain, resolution, seed=1000 + seed) for d in DOMAINS}
+    held = {d: render(d, 500, resolution, seed=2000 + seed) for d in DOMAINS}
+    model = train_domain_classifier(train, resolution=resolution, steps=steps, seed=seed, held_out=held,
+                                    device="cuda" if torch.cuda.is_available() else "cpu")
+    model.save(export)
+    table = Table("true \\ predicted", *model.classes)
+    for c, row in confusion(model, held).items():
+        table.add_row(c, *[f"{row[k]:.3f}" for k in model.classes])
+    console.print(table)
+    console.print(f"held-out accuracy {model.train_info['held_out_accuracy_mean']:.4f}; written to [bold]{export}[/]")
+
+
+@app.command("pretrain-encoder")
+def pretrain_encoder(
+    task: str = typer.Option(DEFAULT_TASK, "--task", "-t", help=TASK_HELP),
+    export: Optional[Path] = typer.Option(None, help="also write it here (.safetensors or .pt)"),
+) -> None:
+    """Train (once, cached) the domain encoder that a task's `source.pretrain` block describes:
+    SimCLR on the source domain's images (and `encoder_data`); the `*_domain` metrics use it."""
+    import shutil
+
+    from orchestrator.config import load_task
+    from orchestrator.sources import domain_encoder_for
+
+    try:
+        t = load_task(task)
+    except ConfigError as exc:
+        _fail(str(exc))
+    path = _guard(lambda: domain_encoder_for(t))
+    console.print(f"Domain encoder: [bold]{path}[/]")
+    if export is not None:
+        if export.suffix == ".safetensors" and path.suffix != ".safetensors":
+            from trainers.metrics import DomainEncoder
+
+            DomainEncoder.load(path).save(export)
+        else:
+            shutil.copy2(path, export)
+        console.print(f"Written to [bold]{export}[/]")
+
+
 @app.command()
 def pretrain(
     family: str = typer.Argument("ddpm", help="generator family: ddpm or stylegan2"),
@@ -381,13 +438,21 @@ def pretrain(
 
 
 def _copy_export(folder: Path, export: Optional[Path]) -> None:
+    """A copy of the source outside the cache, weights as safetensors (a diffusers folder already
+    is; a StyleGAN2 checkpoint is rewritten as ``stylegan2.safetensors``)."""
     if export is None:
         return
     import shutil
 
+    from trainers.gan.source import CHECKPOINT_NAME, load_gan_source, save_gan_source
+
     if export.exists():
         shutil.rmtree(export)
-    shutil.copytree(folder, export)
+    if (folder / CHECKPOINT_NAME).is_file():
+        src = load_gan_source(folder)
+        save_gan_source(export, src.g, src.g_ema, src.d, extra=src.extra, safetensors=True)
+    else:
+        shutil.copytree(folder, export)
     console.print(f"Copied to [bold]{export}[/]")
 
 

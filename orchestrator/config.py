@@ -47,6 +47,9 @@ class PretrainSpec(_Strict):
     lr: float | None = Field(1e-3, gt=0, description="null: the pretrainer's own default")
     seed: int = 0
     encoder_steps: int = Field(300, ge=1, description="SimCLR steps of the domain encoder (metrics)")
+    encoder_data: list[str] = Field(default_factory=list, description="more (unlabelled) data the domain "
+                                    "encoder also trains on, e.g. the target's reference images, so that the "
+                                    "*_domain metrics see a domain unlike the source (data URIs)")
     pretrainer: str | None = Field(None, description="which pretrainer (trainers.registry.PRETRAINERS); "
                                    "null: the family's plain one")
 
@@ -127,10 +130,15 @@ class RunSettings(_Strict):
                                "(the project's own encoder), inception, lpips_vgg, lpips_alex")
     eval_every: int | None = Field(None, ge=0, description="steps between evaluations (a multiple of "
                                    "report_every; default report_every; 0 = only at the end)")
-    eval_samples: int = Field(64, ge=2, description="samples per periodic evaluation")
-    eval_sample_steps: int = Field(10, ge=1, description="sampling steps in periodic evaluations")
-    final_eval_samples: int = Field(256, ge=2, description="samples of the final evaluation")
-    final_eval_sample_steps: int | None = Field(None, ge=1, description="default: the method's own")
+    # One protocol for every evaluation: what a scheduler compares during training is what the
+    # final objective measures (FID depends on the sample count, diversity on the sampler).
+    eval_samples: int = Field(256, ge=2, description="samples per evaluation (periodic and final)")
+    eval_sample_steps: int | None = Field(None, ge=1, description="sampling steps per evaluation; "
+                                          "default: the method's own (its sample_steps)")
+    final_eval_samples: int | None = Field(None, ge=2, description="a different sample count for the final "
+                                           "evaluation only (default: eval_samples; then the final number is "
+                                           "not comparable with the periodic ones)")
+    final_eval_sample_steps: int | None = Field(None, ge=1, description="default: eval_sample_steps")
 
     @field_validator("metrics")
     @classmethod

@@ -33,6 +33,25 @@ class Inputs:
     reference: ArtifactRef | None
     domain_encoder: ArtifactRef | None
     reference_stats: ArtifactRef | None = None
+    domain_classifier: ArtifactRef | None = None
+    target_domain: str | None = None
+
+
+def synthetic_domain(uri: str) -> str | None:
+    """``sketch`` for ``synthetic:sketch``; None for any other data."""
+    return uri.split(":", 1)[1] if uri.startswith("synthetic:") else None
+
+
+def classifier_for(task: TaskConfig, storage: str) -> tuple[ArtifactRef | None, str | None]:
+    """The shipped domain classifier and the task's target domain, when the task's target is a
+    built-in synthetic domain at a resolution the classifier was shipped for."""
+    from trainers.builtin import builtin_classifier
+
+    domain = synthetic_domain(task.target.data)
+    path = builtin_classifier(task.resolution) if domain is not None else None
+    if path is None:
+        return None, None
+    return publish(path, storage), domain
 
 
 def load_set(spec, count: int | None, seed: int, resolution: int) -> np.ndarray:
@@ -116,9 +135,10 @@ def prepare(cfg: ResolvedConfig, *, storage: str, tracking_uri: str | None = Non
     if source is None:
         source = resolve_source(task, tracking_uri=tracking_uri, storage=storage, lease=lease)
         check_source(cfg, source.local, source.hub_id)
+    classifier, domain = classifier_for(task, storage)
     inputs = Inputs(source=source, data=publish_array(shots, storage),
                     reference=publish_array(reference, storage) if reference is not None else None,
-                    domain_encoder=encoder)
+                    domain_encoder=encoder, domain_classifier=classifier, target_domain=domain)
     if stats:
         inputs.reference_stats = reference_stats(cfg, inputs, storage)
     return inputs
@@ -152,5 +172,6 @@ def make_job(cfg: ResolvedConfig, inputs: Inputs, *, name: str, storage: str,
                resolution=cfg.task.resolution, method_config=cfg.method_config, run=run, storage=storage,
                data=inputs.data, reference=inputs.reference, source=inputs.source.ref,
                source_hub_id=inputs.source.hub_id, domain_encoder=inputs.domain_encoder,
+               domain_classifier=inputs.domain_classifier, target_domain=inputs.target_domain,
                reference_stats=inputs.reference_stats, previous=previous,
                lifelong_eval=lifelong_eval or [], checkpoint_at=checkpoint_at)

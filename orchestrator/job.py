@@ -23,6 +23,7 @@ class EvalTask(BaseModel):
     task_id: int
     shots: ArtifactRef
     reference: ArtifactRef | None = None
+    target_domain: str | None = None
 
 
 class Job(BaseModel):
@@ -42,6 +43,8 @@ class Job(BaseModel):
     source: ArtifactRef | None = None
     source_hub_id: str | None = Field(None, description="a Hub id each node resolves from its own HF cache")
     domain_encoder: ArtifactRef | None = None
+    domain_classifier: ArtifactRef | None = Field(None, description="the built-in synthetic domains' classifier")
+    target_domain: str | None = Field(None, description="the task's built-in synthetic target domain, if any")
     reference_stats: ArtifactRef | None = Field(None, description="precomputed features and statistics of "
                                                 "the reference set and the shots (orchestrator.refstats)")
     previous: ArtifactRef | None = Field(None, description="lifelong: the export of the previous task")

@@ -150,21 +150,28 @@ class SequenceInputs:
     source: ResolvedSource
     encoder: ArtifactRef | None
     tasks: list[tuple[ArtifactRef, ArtifactRef | None]]
+    classifier: ArtifactRef | None = None
+    domains: list[str | None] | None = None  # each task's built-in synthetic target domain
+
+    def domain(self, k: int) -> str | None:
+        return self.domains[k] if self.domains else None
 
     def inputs(self, k: int, source: ResolvedSource | None = None) -> Inputs:
         data, reference = self.tasks[k]
-        return Inputs(source=source or self.source, data=data, reference=reference, domain_encoder=self.encoder)
+        return Inputs(source=source or self.source, data=data, reference=reference, domain_encoder=self.encoder,
+                      domain_classifier=self.classifier if self.domain(k) else None, target_domain=self.domain(k))
 
     def eval_tasks(self, upto: int) -> list[EvalTask]:
-        return [EvalTask(index=j, task_id=j, shots=self.tasks[j][0], reference=self.tasks[j][1])
-                for j in range(upto + 1)]
+        return [EvalTask(index=j, task_id=j, shots=self.tasks[j][0], reference=self.tasks[j][1],
+                         target_domain=self.domain(j)) for j in range(upto + 1)]
 
     def to_static(self) -> dict[str, Any]:
         def dump(r):
             return r.model_dump() if r is not None else None
 
         return {"source": dump(self.source.ref), "hub_id": self.source.hub_id, "encoder": dump(self.encoder),
-                "tasks": [[dump(d), dump(r)] for d, r in self.tasks]}
+                "tasks": [[dump(d), dump(r)] for d, r in self.tasks], "classifier": dump(self.classifier),
+                "domains": self.domains}
 
     @classmethod
     def from_static(cls, d: dict[str, Any]) -> "SequenceInputs":
@@ -172,7 +179,7 @@ class SequenceInputs:
             return ArtifactRef.model_validate(r) if r else None
 
         return cls(ResolvedSource(load(d["source"]), d.get("hub_id"), None), load(d["encoder"]),
-                   [(load(a), load(b)) for a, b in d["tasks"]])
+                   [(load(a), load(b)) for a, b in d["tasks"]], load(d.get("classifier")), d.get("domains"))
 
 
 def prepare_sequence(seq: SequenceConfig, configs: list, *, storage: str, tracking_uri: str | None,
@@ -194,7 +201,11 @@ def prepare_sequence(seq: SequenceConfig, configs: list, *, storage: str, tracki
         encoder = publish(domain_encoder_for(configs[0].task), storage)
     source = resolve_source(configs[0].task, tracking_uri=tracking_uri, storage=storage, lease=lease)
     check_source(configs[0], source.local, source.hub_id)
-    return SequenceInputs(source, encoder, tasks)
+    from orchestrator.inputs import classifier_for
+
+    found = [classifier_for(cfg.task, storage) for cfg in configs]
+    classifier = next((ref for ref, _ in found if ref is not None), None)
+    return SequenceInputs(source, encoder, tasks, classifier, [d for _, d in found])
 
 
 def run_lifelong(seq: SequenceConfig, method: str, *, overrides: dict[str, Any] | None = None,

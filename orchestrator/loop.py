@@ -19,6 +19,7 @@ recomputes exactly the same values).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -116,6 +117,13 @@ def _extractors(metrics: tuple[str, ...], encoder: str | None, device: str):
     return available_extractors(list(metrics), encoder, device)
 
 
+@lru_cache(maxsize=2)
+def _classifier(path: str, device: str):
+    from trainers.metrics.domain_classifier import DomainClassifier
+
+    return DomainClassifier.load(path, device)
+
+
 def images_tensor(ref: ArtifactRef) -> torch.Tensor:
     """uint8 [N,3,H,W] (CPU) of a published image array [N,H,W,3]."""
     return torch.from_numpy(np.array(load_array(ref))).permute(0, 3, 1, 2).contiguous()
@@ -134,6 +142,9 @@ class Evaluator:
         self.shots = shots.cpu()
         self.reference = images_tensor(job.reference) if job.reference is not None else self.shots
         self.cache = ReferenceStats()
+        self.classifier = None
+        if job.domain_classifier is not None and job.target_domain is not None:
+            self.classifier = _classifier(str(fetch(job.domain_classifier)), str(device))
         if job.reference_stats is not None:
             from orchestrator.refstats import preload
 
@@ -144,18 +155,37 @@ class Evaluator:
     def due(self, step: int, last: bool) -> bool:
         return last or bool(self.every and step % self.every == 0)
 
+    def protocol(self, last: bool) -> tuple[int, int | None]:
+        """(samples, sampling steps) of an evaluation: one protocol for periodic and final ones
+        unless the run asks for a different final one."""
+        run = self.run
+        n = (run.final_eval_samples or run.eval_samples) if last else run.eval_samples
+        steps = (run.final_eval_sample_steps or run.eval_sample_steps) if last else run.eval_sample_steps
+        return n, steps
+
     def __call__(self, method, last: bool) -> dict[str, float]:
         from trainers.metrics import evaluate
 
         run = self.run
-        n = run.final_eval_samples if last else run.eval_samples
-        steps = run.final_eval_sample_steps if last else run.eval_sample_steps
+        n, steps = self.protocol(last)
         t0 = time.perf_counter()
         samples = method.sample(n, steps=steps, seed=run.seed + 12345)
         metrics = evaluate(samples, self.reference, self.shots, self.extractors, seed=run.seed,
                            kid_subset_size=min(1000, n, len(self.reference)), cache=self.cache)
+        if self.classifier is not None:
+            metrics["target_rate_domain"] = self.classifier.rate(samples, self.job.target_domain)
         metrics["eval_seconds"] = time.perf_counter() - t0
         return metrics
+
+    def baselines(self, method) -> dict[str, float]:
+        """Before the first step: the domain classifier's target rate of the real target images
+        (its ceiling) and of the untrained model's samples, i.e. the source (its floor)."""
+        if self.classifier is None:
+            return {}
+        n, steps = self.protocol(False)
+        samples = method.sample(n, steps=steps, seed=self.run.seed + 12345)
+        return {"target_rate_domain_reference": self.classifier.rate(self.reference, self.job.target_domain),
+                "target_rate_domain_source": self.classifier.rate(samples, self.job.target_domain)}
 
     def earlier_tasks(self, method) -> dict[str, float]:
         """Row k of the lifelong matrices: the model after task k on every task j <= k, sampled
@@ -163,13 +193,15 @@ class Evaluator:
         from trainers.metrics import evaluate
 
         run, out = self.run, {}
+        n, steps = self.protocol(True)
         for spec in self.job.lifelong_eval:
             shots = images_tensor(spec.shots)
             ref = images_tensor(spec.reference) if spec.reference is not None else shots
-            n = run.final_eval_samples
-            samples = method.sample_task(spec.task_id, n, steps=run.final_eval_sample_steps, seed=run.seed + 12345)
+            samples = method.sample_task(spec.task_id, n, steps=steps, seed=run.seed + 12345)
             metrics = evaluate(samples, ref, shots, self.extractors, seed=run.seed,
                                kid_subset_size=min(1000, n, len(ref)), cache=self.cache)
+            if self.classifier is not None and spec.target_domain is not None:
+                metrics["target_rate_domain"] = self.classifier.rate(samples, spec.target_domain)
             out.update({f"r_{k}_task{spec.index}": v for k, v in metrics.items() if not k.startswith("num_")})
         return out
 
@@ -189,6 +221,28 @@ def _quiet_ray_train_logs() -> None:
         for handler in logger.handlers:
             if not any(isinstance(f, _ReportLogFilter) for f in handler.filters):
                 handler.addFilter(flt)
+
+
+class _Phases:
+    """Wall seconds per phase of a run (what the final report and MLflow record as
+    ``time_<phase>_s``): where the time of a short few-shot trial goes."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time_{k}_s": v for k, v in self.seconds.items()}
 
 
 class _Window:
@@ -227,6 +281,7 @@ def run_loop(job: Job, session: Session) -> LoopResult:
     from trainers.base import PrepareContext
 
     _quiet_ray_train_logs()
+    phases = _Phases()
     rank, world = session.rank, session.world_size
     run = job.run
     device = session.device
@@ -235,9 +290,11 @@ def run_loop(job: Job, session: Session) -> LoopResult:
     seed = int(run.seed) + 1000 * rank
     seed_everything(seed)
 
-    method, perf = build_method(job, device, seed)
-    cpu_images = images_tensor(job.data)
-    images = cpu_images.to(device)
+    with phases("build"):  # fetch the source, build the method
+        method, perf = build_method(job, device, seed)
+    with phases("data"):
+        cpu_images = images_tensor(job.data)
+        images = cpu_images.to(device)
     if world > 1:
         import ray.train.torch
 
@@ -246,13 +303,14 @@ def run_loop(job: Job, session: Session) -> LoopResult:
     batch_gen = torch.Generator(device=device).manual_seed(seed + 7)
 
     start = 0
-    with session.latest_checkpoint() as folder:
+    with phases("restore"), session.latest_checkpoint() as folder:
         if folder is not None:
             method.load_state_dict(load_state(folder / STATE_FILE)["method"])
             restore(load_state(folder / f"rng_rank{rank}.pt"), method, batch_gen)
             start = int(method.step)
-    encoder_path = fetch(job.domain_encoder) if job.domain_encoder is not None else None
-    method.prepare(images, PrepareContext(domain_encoder=encoder_path, cache_dir=cache_home() / "annotations"))
+    with phases("prepare"):
+        encoder_path = fetch(job.domain_encoder) if job.domain_encoder is not None else None
+        method.prepare(images, PrepareContext(domain_encoder=encoder_path, cache_dir=cache_home() / "annotations"))
 
     log = rank == 0 and job.run_id is not None
     uri, run_id = job.tracking_uri, job.run_id
@@ -260,24 +318,35 @@ def run_loop(job: Job, session: Session) -> LoopResult:
     logged_through = tracking.logged_step(uri, run_id, TAG_LOGGED) if log else -1
 
     def grid(name: str, sampling_steps: int) -> None:
-        samples = method.sample(run.grid_size, steps=sampling_steps, seed=run.seed)
-        tracking.log_image_grid(uri, run_id, samples.numpy(), f"samples/{name}.png")
+        with phases("grids"):
+            samples = method.sample(run.grid_size, steps=sampling_steps, seed=run.seed)
+            tracking.log_image_grid(uri, run_id, samples.numpy(), f"samples/{name}.png")
 
-    if log:  # where this attempt runs, and what it resumed from (a restart after a fault, a resume)
-        tags = {"orchestrate.node_id": session.node_id}
-        if start > 0:
-            tags["orchestrate.restored_from_step"] = str(start)
-        for k, v in tags.items():
-            tracking.client(uri).set_tag(run_id, k, v)
-    if log and start == 0:
-        tracking.log_params(uri, run_id, {"trainable_parameters": str(method.trainable_parameters()),
-                                          "world_size": str(world), "device": str(device),
-                                          "precision": str(perf.amp_dtype or "fp32"),
-                                          "node_id": session.node_id})
-        if logged_through < 0:
-            grid("step_000000", run.grid_sample_steps)
+    with phases("mlflow"):
+        if log:  # where this attempt runs, and what it resumed from (a restart after a fault, a resume)
+            tags = {"orchestrate.node_id": session.node_id}
+            if start > 0:
+                tags["orchestrate.restored_from_step"] = str(start)
+            for k, v in tags.items():
+                tracking.client(uri).set_tag(run_id, k, v)
+        if log and start == 0:
+            tracking.log_params(uri, run_id, {"trainable_parameters": str(method.trainable_parameters()),
+                                              "world_size": str(world), "device": str(device),
+                                              "precision": str(perf.amp_dtype or "fp32"),
+                                              "node_id": session.node_id})
+    if log and start == 0 and logged_through < 0:
+        grid("step_000000", run.grid_sample_steps)
 
-    evaluator = Evaluator(job, cpu_images, device) if rank == 0 and job.kind == "adapt" else None
+    with phases("metric_networks"):  # the feature networks and the reference set's statistics
+        evaluator = Evaluator(job, cpu_images, device) if rank == 0 and job.kind == "adapt" else None
+    if evaluator is not None and log and start == 0 and logged_through < 0:
+        with phases("eval"):
+            baselines = evaluator.baselines(method)
+        if baselines:
+            with phases("mlflow"):
+                b = tracking.MetricBuffer(uri, run_id)
+                b.add(baselines, 0)
+                b.flush()
     last_eval: dict[str, float] = {}
     steps, every = run.steps, run.report_every
     batch_size, hflip = method.config.batch_size, method.config.hflip
@@ -302,6 +371,7 @@ def run_loop(job: Job, session: Session) -> LoopResult:
         # -- a report: read the window (the one host sync), evaluate, checkpoint -----------------
         values = window.read()
         seconds = max(time.perf_counter() - window.t0 - window.excluded, 1e-9)
+        phases.add("train", seconds)
         bad = {k: at[int(np.argmax(~np.isfinite(v)))] for k, (at, v) in values.items() if not np.isfinite(v).all()}
         if bad:
             raise FloatingPointError("non-finite training metrics: " +
@@ -316,7 +386,8 @@ def run_loop(job: Job, session: Session) -> LoopResult:
                     if s > logged_through:
                         buffer.add({k: float(x)}, s)
         if evaluator is not None and evaluator.due(step + 1, last):
-            last_eval = evaluator(method, last)
+            with phases("eval"):
+                last_eval = evaluator(method, last)
             if buffer is not None and step + 1 > logged_through:
                 buffer.add(last_eval, step + 1)
         report.update(last_eval)  # between evaluations, the last values (schedulers need them)
@@ -324,19 +395,26 @@ def run_loop(job: Job, session: Session) -> LoopResult:
             buffer.add({"steps_per_s": report["steps_per_s"], "images_per_s": report["images_per_s"]}, step + 1)
         if last and rank == 0:
             # Before the final report: a scheduler may stop the trial as soon as it sees it.
-            export = finish(job, method, log)
+            with phases("export"):
+                export = finish(job, method, log)
             report["export"] = export.model_dump_json()
             if job.lifelong_eval:
-                rows = evaluator.earlier_tasks(method)
+                with phases("eval"):
+                    rows = evaluator.earlier_tasks(method)
                 report.update(rows)
                 if buffer is not None:
                     buffer.add(rows, step + 1)
             report["trainable_parameters"] = float(method.trainable_parameters())
-        if buffer is not None:
-            buffer.flush()
-            tracking.set_logged_step(uri, run_id, TAG_LOGGED, max(step + 1, logged_through))
+            report.update(phases.metrics())
+            if buffer is not None:
+                buffer.add(phases.metrics(), step + 1)
+        with phases("mlflow"):
+            if buffer is not None:
+                buffer.flush()
+                tracking.set_logged_step(uri, run_id, TAG_LOGGED, max(step + 1, logged_through))
         reports.append(report)
-        with tempfile.TemporaryDirectory() as tmp:
+        with phases("checkpoint" if job.wants_checkpoint(step + 1) else "report"), \
+                tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if job.wants_checkpoint(step + 1):
                 checkpoint = Path(tmp)

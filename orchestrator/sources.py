@@ -158,8 +158,11 @@ def resolve_source(task: TaskConfig, *, tracking_uri: str | None = None, storage
 
 def encoder_path(task: TaskConfig) -> Path:
     spec = task.source.pretrain
-    blob = json.dumps({"data": spec.data, "count": spec.count, "seed": spec.seed, "steps": spec.encoder_steps,
-                       "resolution": task.resolution}, sort_keys=True)
+    key = {"data": spec.data, "count": spec.count, "seed": spec.seed, "steps": spec.encoder_steps,
+           "resolution": task.resolution}
+    if spec.encoder_data:
+        key["extra"] = sorted(spec.encoder_data)
+    blob = json.dumps(key, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:10]
     return sources_dir() / f"encoder-{task.resolution}px-{key}" / "domain_encoder.pt"
 
@@ -171,7 +174,7 @@ def domain_encoder_for(task: TaskConfig) -> Path:
     computed in its feature space."""
     from trainers.builtin import builtin_encoder
 
-    shipped = builtin_encoder(task)
+    shipped = builtin_encoder(task) if not task.source.pretrain.encoder_data else None
     if shipped is not None:
         return shipped
     path = encoder_path(task)
@@ -184,9 +187,15 @@ def domain_encoder_for(task: TaskConfig) -> Path:
     from trainers.data import load_images
     from trainers.metrics import train_domain_encoder
 
+    import numpy as np
+
     spec = task.source.pretrain
     images = load_images(spec.data, task.resolution, count=min(spec.count, 2048), seed=spec.seed,
                          cache_dir=data_cache_dir())
+    if spec.encoder_data:  # as many images from each extra set as it has (at most as many as the source)
+        extra = [load_images(uri, task.resolution, count=min(spec.count, 2048), seed=spec.seed,
+                             cache_dir=data_cache_dir()) for uri in spec.encoder_data]
+        images = np.concatenate([images, *extra])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = train_domain_encoder(images, steps=spec.encoder_steps, batch_size=128, device=device,
                                    seed=spec.seed, resolution=task.resolution)

@@ -99,6 +99,19 @@ def s3_bucket(s3_server):
         pass
 
 
+@pytest.fixture(scope="session", autouse=True)
+def offline_weights():
+    """Tests never reach the internet: metric weights are not fetched (tests of the fetching
+    serve their own files on loopback and lift this)."""
+    saved = os.environ.get("FEWSHOT_OFFLINE")
+    os.environ["FEWSHOT_OFFLINE"] = "1"
+    yield
+    if saved is None:
+        os.environ.pop("FEWSHOT_OFFLINE", None)
+    else:
+        os.environ["FEWSHOT_OFFLINE"] = saved
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance (2 CPUs, as on this machine) for all end-to-end tests; yields its

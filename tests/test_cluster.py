@@ -163,30 +163,30 @@ def _kill_one(cluster: Cluster, needle: str, timeout: float = 60) -> int:
 
 def test_killed_train_worker_restarts_from_its_checkpoint(cluster):
     proc = cluster.orchestrate_bg("killtrain", "train", "ddpm_finetune", "--task", "tiny.yaml", "--name", "kw",
-                                  *sets(TINY_RUN + ["run.steps=150", "run.report_every=10", "run.sample_every=1000"]))
-    _wait_for_checkpoint(cluster, f"{cluster.bucket}/runs/kw/checkpoint_*", proc)
+                                  *sets(TINY_RUN + ["run.steps=300", "run.report_every=10", "run.sample_every=1000"]))
+    _wait_for_checkpoint(cluster, f"{cluster.bucket}/runs/kw/checkpoint_*/state.pt", proc)
     _kill_one(cluster, "ray::RayTrainWorker")
     assert proc.wait(timeout=600) == 0, cluster.tails()
     runs = [r for r in runs_of(cluster, "ddpm_finetune") if r.info.run_name == "kw"]
     assert [r.info.status for r in runs] == ["FINISHED"]  # one MLflow run, finished
     assert int(runs[0].data.tags["orchestrate.restored_from_step"]) > 0  # restarted from a checkpoint
     steps = [s for s, _ in tracking.metric_history(cluster.tracking_uri, runs[0].info.run_id, "loss")]
-    assert steps == list(range(1, 151))  # the full step count, no step logged twice
+    assert steps == list(range(1, 301))  # the full step count, no step logged twice
 
 
 def test_killed_sweep_trial_is_retried_from_its_checkpoint(cluster):
     proc = cluster.orchestrate_bg("killtrial", "sweep", "ddpm_finetune", "--task", "tiny.yaml", "--num-samples", "1",
                                   "--metric", "loss", "--scheduler", "fifo", "--name", "kt",
-                                  *sets(TINY_RUN + ["run.steps=150", "run.report_every=10",
+                                  *sets(TINY_RUN + ["run.steps=300", "run.report_every=10",
                                                     "run.checkpoint_every=10", "run.sample_every=1000"]))
-    _wait_for_checkpoint(cluster, f"{cluster.bucket}/runs/kt/trial_driver_*/checkpoint_*", proc)
+    _wait_for_checkpoint(cluster, f"{cluster.bucket}/runs/kt/trial_driver_*/checkpoint_*/state.pt", proc)
     _kill_one(cluster, "ray::ImplicitFunc")
     assert proc.wait(timeout=600) == 0, cluster.tails()
     kids = [r for r in runs_of(cluster, "ddpm_finetune") if r.data.tags.get("orchestrate.sweep") == "kt"]
     assert len(kids) == 1 and kids[0].info.status == "FINISHED"
     assert int(kids[0].data.tags["orchestrate.restored_from_step"]) > 0  # Tune retried it from a checkpoint
     steps = [s for s, _ in tracking.metric_history(cluster.tracking_uri, kids[0].info.run_id, "loss")]
-    assert steps == list(range(1, 151))
+    assert steps == list(range(1, 301))
 
 
 def test_reclaimed_worker_node_mid_sweep(cluster):
@@ -194,14 +194,14 @@ def test_reclaimed_worker_node_mid_sweep(cluster):
     (raylet, workers, its private files); its trial is retried on w1 from its checkpoint in S3."""
     proc = cluster.orchestrate_bg("reclaim", "sweep", "ddpm_finetune", "--task", "tiny.yaml", "--num-samples", "2",
                                   "--max-concurrent", "2", "--metric", "loss", "--scheduler", "fifo",
-                                  "--name", "rc", *sets(TINY_RUN + ["run.steps=120", "run.report_every=10",
+                                  "--name", "rc", *sets(TINY_RUN + ["run.steps=200", "run.report_every=10",
                                                                     "run.checkpoint_every=10",
                                                                     "run.sample_every=1000"]))
     import s3fs
 
     fs = s3fs.S3FileSystem()
     deadline = time.time() + 400
-    while len({p.split("/")[3] for p in fs.glob(f"{cluster.bucket}/runs/rc/trial_driver_*/checkpoint_*")}) < 2:
+    while len({p.split("/")[3] for p in fs.glob(f"{cluster.bucket}/runs/rc/trial_driver_*/checkpoint_*/state.pt")}) < 2:
         fs.invalidate_cache()
         assert proc.poll() is None, cluster.tails()
         assert time.time() < deadline, cluster.tails()
@@ -219,4 +219,4 @@ def test_reclaimed_worker_node_mid_sweep(cluster):
     assert lost_node
     for k in kids:
         steps = [s for s, _ in tracking.metric_history(cluster.tracking_uri, k.info.run_id, "loss")]
-        assert steps == list(range(1, 121))
+        assert steps == list(range(1, 201))

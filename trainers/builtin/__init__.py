@@ -15,8 +15,8 @@ HERE = Path(__file__).resolve().parent
 # (family, resolution) -> folder of the shipped source
 SOURCES: dict[tuple[str, int], str] = {}
 # resolution -> shipped domain encoder / domain classifier files of the synthetic domains
-ENCODERS: dict[int, str] = {}
-CLASSIFIERS: dict[int, str] = {}
+ENCODERS: dict[int, str] = {32: "encoder-synthetic-32.safetensors"}
+CLASSIFIERS: dict[int, str] = {32: "classifier-synthetic-32.safetensors"}
 SYNTHETIC_SOURCE = "synthetic:source"
 
 
@@ -39,3 +39,9 @@ def builtin_encoder(task: Any) -> Path | None:
     if spec.data != SYNTHETIC_SOURCE or name is None or not (HERE / name).exists():
         return None
     return HERE / name
+
+
+def builtin_classifier(resolution: int) -> Path | None:
+    """The shipped classifier of the six synthetic domains at ``resolution`` (None when not shipped)."""
+    name = CLASSIFIERS.get(resolution)
+    return HERE / name if name is not None and (HERE / name).exists() else None

@@ -49,13 +49,20 @@ class GANSource:
         return int(self.arch["size"])
 
 
+SAFETENSORS_NAME = "stylegan2.safetensors"
+
+
 def checkpoint_file(spec: str | os.PathLike) -> Path:
-    """The ``.pt`` file a source spec names (the file itself or the one inside a folder)."""
+    """The checkpoint file a source spec names (the file itself or the one inside a folder):
+    ``stylegan2.pt`` (rosinality's torch format) or ``stylegan2.safetensors`` (the same state dicts
+    as ``g.*``, ``g_ema.*``, ``d.*`` tensors, the arch in the metadata)."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        if (path / CHECKPOINT_NAME).is_file():
-            return path / CHECKPOINT_NAME
-        pts = sorted(p for p in path.iterdir() if p.suffix in {".pt", ".pth", ".ckpt"} and p.is_file())
+        for name in (CHECKPOINT_NAME, SAFETENSORS_NAME):
+            if (path / name).is_file():
+                return path / name
+        pts = sorted(p for p in path.iterdir()
+                     if p.suffix in {".pt", ".pth", ".ckpt", ".safetensors"} and p.is_file())
         if len(pts) == 1:
             return pts[0]
         raise SourceModelError(
@@ -138,6 +145,8 @@ def infer_arch(g_state: dict[str, torch.Tensor], d_state: dict[str, torch.Tensor
 
 
 def _load_blob(path: Path) -> dict[str, Any]:
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
     try:
         # rosinality checkpoints also hold the argparse Namespace of their training run
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -186,14 +195,56 @@ def load_gan_source(spec: str | os.PathLike, device: torch.device | str = "cpu")
     return GANSource(g=g, g_ema=g_ema, d=d, arch=arch, origin=str(spec), extra=extra)
 
 
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        flat = load_file(str(path))
+    except Exception as exc:
+        raise SourceModelError(f"cannot read GAN source checkpoint {path}: {exc}") from exc
+    blob: dict[str, Any] = {}
+    for key, tensor in flat.items():
+        part, name = key.split(".", 1)
+        blob.setdefault(part, {})[name] = tensor
+    for key, value in meta.items():
+        blob[key] = json.loads(value)
+    return blob
+
+
 def save_gan_source(path: str | os.PathLike, g: Generator, g_ema: Generator | None = None,
-                    d: Discriminator | None = None, extra: dict[str, Any] | None = None) -> Path:
+                    d: Discriminator | None = None, extra: dict[str, Any] | None = None,
+                    safetensors: bool = False) -> Path:
     """Write a rosinality-format checkpoint (+ ``"arch"``) atomically. ``path`` ending in ``.pt``
-    is the file; otherwise it is a folder and the file is ``path/stylegan2.pt``. Returns the path
+    (or ``.safetensors``) is the file; otherwise it is a folder and the file is
+    ``path/stylegan2.pt`` (``path/stylegan2.safetensors`` with ``safetensors``). Returns the path
     given (the folder or the file)."""
     path = Path(path)
-    target = path if path.suffix in {".pt", ".pth", ".ckpt"} else path / CHECKPOINT_NAME
+    if path.suffix == ".safetensors":
+        safetensors, target = True, path
+    elif path.suffix in {".pt", ".pth", ".ckpt"}:
+        target = path
+    else:
+        target = path / (SAFETENSORS_NAME if safetensors else CHECKPOINT_NAME)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if safetensors:
+        import json
+
+        from safetensors.torch import save_file
+
+        flat = {f"{part}.{k}": v.detach().cpu().contiguous() for part, module in
+                (("g", g), ("g_ema", g_ema or g), ("d", d)) if module is not None
+                for k, v in module.state_dict().items()}
+        meta = {"arch": json.dumps(dict(g.arch)), "format": json.dumps(FORMAT),
+                **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        save_file(flat, str(tmp), metadata=meta)
+        os.replace(tmp, target)
+        return path
     blob: dict[str, Any] = {
         "g": {k: v.detach().cpu() for k, v in g.state_dict().items()},
         "g_ema": {k: v.detach().cpu() for k, v in (g_ema or g).state_dict().items()},

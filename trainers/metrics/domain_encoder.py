@@ -271,11 +271,19 @@ class DomainEncoder(FeatureExtractor):
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, path: Path | str) -> Path:
-        """Write ``{"format", "config", "state_dict"}``; loadable with ``torch.load(weights_only=True)``."""
+        """Write ``{"format", "config", "state_dict"}`` (``torch.load(weights_only=True)``), or, for
+        a ``.safetensors`` path, the tensors with the format and config in the metadata."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        torch.save({"format": FORMAT, "config": self.config(), "state_dict": sd}, path)
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        if path.suffix == ".safetensors":
+            import json
+
+            from safetensors.torch import save_file
+
+            save_file(sd, str(path), metadata={"format": FORMAT, "config": json.dumps(self.config())})
+        else:
+            torch.save({"format": FORMAT, "config": self.config(), "state_dict": sd}, path)
         return path
 
     @classmethod
@@ -288,7 +296,18 @@ class DomainEncoder(FeatureExtractor):
                 "train one on the source domain with trainers.metrics.train_domain_encoder(...) "
                 "and .save() it there (the orchestrator does this when it pretrains a source model)",
             )
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            import json
+
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            blob = {"format": meta.get("format"), "config": json.loads(meta.get("config", "{}")),
+                    "state_dict": load_file(str(path))}
+        else:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise ValueError(f"{path}: not a domain-encoder file (expected format {FORMAT!r})")
         cfg = blob["config"]

@@ -12,7 +12,11 @@ different network):
 ``kid_std_<name>``           its standard deviation over the subsets
 ``intra_dist_<name>``        intra-cluster diversity in that feature space (cosine distance for
                              the domain encoder and Inception), clusters = nearest shot
+``intra_dist_std_<name>``    its spread over draws of the samples (std over bootstrap resamples)
 ``b_dist_<name>``            its balanced (LFS-GAN) variant
+``density_<name>``,          fidelity and diversity against the reference set (Naeem et al. 2020,
+``coverage_<name>``          k = 5): noise, blur, shot copies and off-domain samples score low on
+                             both, where an intra-cluster spread can still read high
 ``intra_lpips_<net>``        Intra-LPIPS (Ojha et al. 2021): LPIPS for clustering and distance
 ``b_lpips_<net>``            B-LPIPS (Seo et al. 2023)
 ===========================  ==================================================================
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 
 from ._images import ImageBatch, as_uint8_nchw
+from .coverage import density_coverage, knn_radii
 from .diversity import FeatureDistance, intra_cluster_diversity
 from .domain_encoder import DomainEncoder
 from .extractor import FeatureExtractor
@@ -100,6 +105,16 @@ class ReferenceStats:
         if mu is not None and sigma is not None:
             entry["mu"], entry["sigma"] = mu, sigma
         self._store(extractor, images, entry)
+
+    def radii(self, extractor: FeatureExtractor, images: ImageBatch, features: torch.Tensor) -> torch.Tensor:
+        """k-NN radii of the reference features (density/coverage), computed once per set."""
+        entry = self._lookup(extractor, images)
+        if entry is not None and "radii" in entry:
+            return entry["radii"]
+        radii = knn_radii(features)
+        if entry is not None:
+            entry["radii"] = radii
+        return radii
 
     def features(self, extractor: FeatureExtractor, images: ImageBatch, batch_size: int | None = None) -> torch.Tensor:
         entry = self._lookup(extractor, images)
@@ -187,10 +202,31 @@ def evaluate(
             batch_size=max(batch_size, 256),
         )
         out[f"intra_dist_{name}"] = div.intra
+        out[f"intra_dist_std_{name}"] = _bootstrap_intra(feats, shot_feats, ext, max_per_cluster, seed)
         out[f"b_dist_{name}"] = div.balanced
+        if len(ref_feats) > 5:
+            radii = cache.radii(ext, reference, ref_feats)
+            out[f"density_{name}"], out[f"coverage_{name}"] = density_coverage(ref_feats, feats, radii=radii)
         if details is not None:
             details[f"clusters_{name}"] = div.cluster_sizes
     return {k: float(v) for k, v in out.items()}
+
+
+def _bootstrap_intra(feats: torch.Tensor, shot_feats: torch.Tensor, ext, max_per_cluster: int, seed: int,
+                     draws: int = 10) -> float:
+    """Standard deviation of the intra-cluster diversity over bootstrap resamples of the samples:
+    how much the number would move with another draw of the same size."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    values = []
+    for _ in range(draws):
+        idx = torch.randint(0, len(feats), (len(feats),), generator=gen).to(feats.device)
+        # resampling with replacement repeats samples: distance-0 pairs would bias the spread down
+        idx = torch.unique(idx)
+        v = intra_cluster_diversity(feats[idx], shot_feats, FeatureDistance(ext.feature_distance),
+                                    max_per_cluster=max_per_cluster, seed=seed).intra
+        if np.isfinite(v):
+            values.append(v)
+    return float(np.std(values)) if len(values) > 1 else float("nan")
 
 
 def available_extractors(

@@ -1,0 +1,237 @@
+"""Training-step throughput of every method, in the one loop, against two baselines run in the same
+process on the same device:
+
+* **bare**: the same method's ``train_step`` called in a plain ``for`` loop (what a hand-written
+  script does) — the ratio loop/bare is the cost of the loop itself (batch draw, loss
+  accumulation on the device, one host sync per report); it should stay within a few percent;
+* **plain**: the plainest training of the same network — a diffusers UNet with L_simple and AdamW,
+  or a StyleGAN2 G/D pair with the non-saturating logistic loss and Adam (no R1, no EMA, no path
+  length) — the ratio method/plain is what the method's own terms cost (a frozen source forward
+  for DDPM-PA and DCL, 4B extra fakes for LFS-GAN's mode-seeking term, ...).
+
+Images per second over ``--steps`` timed steps after ``--warmup`` steps, median of ``--repeats``
+interleaved rounds. Tiny models (16², the ``tiny`` presets) on the CPU by default; on a GPU the
+``--preset``/``--resolution`` flags size it up. Writes ``benchmarks/results/throughput_<device>.md``
+and ``.json`` with the device, versions and date.
+
+    python benchmarks/throughput.py                      # every method, CPU, tiny
+    python benchmarks/throughput.py --methods ddpm_pa dcl --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from orchestrator.artifacts import publish, publish_array  # noqa: E402
+from orchestrator.config import RunSettings  # noqa: E402
+from orchestrator.job import Job  # noqa: E402
+from orchestrator.loop import build_method, run_loop  # noqa: E402
+from orchestrator.session import StoreSession  # noqa: E402
+from trainers.common import random_batch  # noqa: E402
+from trainers.registry import METHODS  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GAN = ("gan_finetune", "dcl", "lfs_gan")
+
+
+def make_sources(root: Path, resolution: int, preset: str) -> dict[str, Path]:
+    from trainers.diffusion.backbone import build_unet, default_scheduler, save_source
+    from trainers.gan.pretrain import GANPretrain, GANPretrainConfig
+    from trainers.gan.source import save_gan_source
+
+    torch.manual_seed(0)
+    save_source(build_unet(preset, resolution), default_scheduler(), root / "ddpm")
+    g = GANPretrain(GANPretrainConfig(preset=preset), resolution, "cpu")
+    save_gan_source(root / "gan", g.g, g.g_ema, g.d)
+    return {"ddpm": root / "ddpm", "stylegan2": root / "gan"}
+
+
+def make_job(method: str, sources, storage: str, images, steps: int, device: torch.device, encoder) -> Job:
+    family = "stylegan2" if method in GAN else "ddpm"
+    cls = METHODS[method]
+    cfg = cls.Config()
+    run = RunSettings(steps=steps, report_every=steps, sample_every=10 ** 9, eval_every=0, metrics=["domain"],
+                      final_eval_samples=8, final_eval_sample_steps=2, grid_size=4, grid_sample_steps=2,
+                      use_gpu=device.type == "cuda", cpus_per_worker=float(torch.get_num_threads()))
+    return Job(kind="adapt", name=f"tp-{method}-{time.time_ns()}", method=method, family=family,
+               resolution=images.shape[1], method_config=cfg.model_dump(mode="json"), run=run, storage=storage,
+               data=publish_array(images, storage), source=publish(sources[family], storage), domain_encoder=encoder)
+
+
+def bare(job: Job, device: torch.device, warmup: int, steps: int) -> float:
+    from orchestrator.loop import images_tensor
+
+    method, perf = build_method(job, device, 0)
+    images = images_tensor(job.data).to(device)
+    gen = torch.Generator(device=device).manual_seed(7)
+    bs = method.config.batch_size
+    from orchestrator.artifacts import fetch
+    from trainers.base import PrepareContext
+
+    method.prepare(images, PrepareContext(domain_encoder=fetch(job.domain_encoder)))
+    t0 = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        if method.wants_index:
+            x, idx = random_batch(images, bs, gen, return_index=True)
+            out = method.train_step(x, index=idx)
+        else:
+            out = method.train_step(random_batch(images, bs, gen))
+    float(out["loss"])  # the plain loop's own sync
+    return steps * bs / (time.perf_counter() - t0)
+
+
+def in_loop(job: Job, device: torch.device, warmup: int, steps: int) -> float:
+    """images/s of the loop's second report window: steps 1..N warm up, N+1..2N are timed (the
+    loop excludes evaluation, grids and the export from its own rate)."""
+    run = job.run.model_copy(update={"steps": 2 * steps, "report_every": steps})
+    with tempfile.TemporaryDirectory() as tmp:
+        session = StoreSession(tmp, job.name, device=device)
+        run_loop(job.model_copy(update={"run": run, "storage": tmp, "checkpoint_at": []}), session)
+    return session.reports[-1]["images_per_s"]
+
+
+def plain(family: str, sources, device: torch.device, images, bs: int, warmup: int, steps: int) -> float:
+    """The plainest training of the same network (module docstring)."""
+    import torch.nn.functional as F
+
+    from trainers.registry import load_source_model
+
+    src = load_source_model(family, str(sources[family]), device)
+    x_all = images_to_model(images, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    if family == "ddpm":
+        unet = src.unet.train()
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=device.type == "cuda")
+        abar = src.scheduler.alphas_cumprod.to(device)
+
+        def step():
+            x0 = x_all[torch.randint(0, len(x_all), (bs,), generator=gen, device=device)]
+            t = torch.randint(0, len(abar), (bs,), generator=gen, device=device)
+            eps = torch.randn(x0.shape, generator=gen, device=device)
+            a = abar[t].view(-1, 1, 1, 1)
+            loss = F.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * eps, t).sample, eps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss
+    else:
+        g, d = src.g.train(), src.d.train()
+        og = torch.optim.Adam(g.parameters(), lr=2e-3, betas=(0.0, 0.99), fused=device.type == "cuda")
+        od = torch.optim.Adam(d.parameters(), lr=2e-3, betas=(0.0, 0.99), fused=device.type == "cuda")
+
+        def step():
+            real = x_all[torch.randint(0, len(x_all), (bs,), generator=gen, device=device)]
+            z = torch.randn(bs, g.style_dim, generator=gen, device=device)
+            with torch.no_grad():
+                fake = g([z])[0]
+            ld = F.softplus(d(fake)).mean() + F.softplus(-d(real)).mean()
+            od.zero_grad(set_to_none=True)
+            ld.backward()
+            od.step()
+            z = torch.randn(bs, g.style_dim, generator=gen, device=device)
+            lg = F.softplus(-d(g([z])[0])).mean()
+            og.zero_grad(set_to_none=True)
+            lg.backward()
+            og.step()
+            return lg
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    float(loss)
+    return steps * bs / (time.perf_counter() - t0)
+
+
+def images_to_model(images, device):
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="*", default=sorted(METHODS))
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--resolution", type=int, default=16)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    from trainers.data import render
+    from trainers.metrics import train_domain_encoder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        os.environ["ORCHESTRATE_CACHE"] = str(root / "cache")
+        sources = make_sources(root, args.resolution, args.preset)
+        images = render("sketch", 10, args.resolution)
+        enc = train_domain_encoder(render("source", 64, args.resolution), steps=2, batch_size=16,
+                                   resolution=args.resolution)
+        enc.save(root / "enc.pt")
+        storage = str(root / "storage")
+        encoder = publish(root / "enc.pt", storage)
+        rows = []
+        for method in args.methods:
+            family = "stylegan2" if method in GAN else "ddpm"
+            runs = {"bare": [], "loop": [], "plain": []}
+            for _ in range(args.repeats):  # interleaved, so that drifts of the machine hit all three
+                job = make_job(method, sources, storage, images, args.steps, device, encoder)
+                bs = job.method_config["batch_size"]
+                runs["bare"].append(bare(job, device, args.warmup, args.steps))
+                runs["loop"].append(in_loop(job, device, args.warmup, args.steps))
+                runs["plain"].append(plain(family, sources, device, images, bs, args.warmup, args.steps))
+            med = {k: statistics.median(v) for k, v in runs.items()}
+            rows.append({"method": method, "batch": bs, **{f"{k}_images_per_s": v for k, v in med.items()},
+                         "loop_vs_bare": med["loop"] / med["bare"], "method_vs_plain": med["bare"] / med["plain"],
+                         "spread": {k: [min(v), max(v)] for k, v in runs.items()}})
+            print(f"{method:14s} plain {med['plain']:8.1f}  bare {med['bare']:8.1f}  loop {med['loop']:8.1f} img/s  "
+                  f"loop/bare {med['loop'] / med['bare']:.3f}  method/plain {med['bare'] / med['plain']:.3f}", flush=True)
+
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads of {os.cpu_count()})",
+            "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+            "resolution": args.resolution, "preset": args.preset, "steps": args.steps, "warmup": args.warmup,
+            "repeats": args.repeats, "load_before": os.getloadavg()[0]}
+    RESULTS.mkdir(exist_ok=True)
+    name = f"throughput_{device.type}"
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [f"# Training-step throughput ({meta['device']}, torch {meta['torch']}, {meta['date']})", "",
+             f"{args.preset} presets at {args.resolution}², {args.steps} timed steps after {args.warmup} warm-up "
+             f"steps, median of {args.repeats} interleaved rounds; load average before the run "
+             f"{meta['load_before']:.2f}. images/s (higher is better).", "",
+             "| method | batch | plain loop of the network | method, bare loop | method, in the one loop | "
+             "loop / bare | method / plain |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['batch']} | {r['plain_images_per_s']:.1f} | {r['bare_images_per_s']:.1f} | "
+                     f"{r['loop_images_per_s']:.1f} | {r['loop_vs_bare']:.3f} | {r['method_vs_plain']:.3f} |")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
