@@ -51,6 +51,16 @@ class Session:
         """Hand ``metrics`` (and the checkpoint folder, when one was written) to the launcher."""
 
 
+@contextlib.contextmanager
+def _local_copy(checkpoint) -> Iterator[Path | None]:
+    """A Ray (Train or Tune) checkpoint as a local folder, or None."""
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as d:
+        yield Path(d)
+
+
 def _ray_node_id() -> str:
     import ray
 
@@ -74,16 +84,10 @@ class TrainSession(Session):
     def node_id(self) -> str:
         return _ray_node_id()
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as d:
-            yield Path(d)
+        return _local_copy(ray.train.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         import ray.train
@@ -108,16 +112,10 @@ class TuneSession(Session):
     def node_id(self) -> str:
         return _ray_node_id()
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         from ray import tune
 
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as d:
-            yield Path(d)
+        return _local_copy(tune.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         from ray import tune

@@ -447,11 +447,34 @@ def _fit(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettings, *
         )
     grid = tuner.fit()
     trials = _collect_trials(grid, progress, settings, trial_ids)
+    if resume:
+        # a trial that never reported is known by its folder, whose name holds its id
+        known = [t["trial_id"] for t in trials] + [Path(str(grid[i].path)).name for i in range(len(grid))]
+        _retire_orphans(uri, exp_id, parent_id, known)
     best = _best(trials, settings) if not settings.multi_objective else None
     pareto = pareto_front(trials, settings.metrics, settings.modes) if settings.multi_objective else None
     _record_parent(uri, parent_id, trials, best, pareto, settings)
     tracking.end_run(uri, parent_id, "FINISHED")
     return SweepResult(name, parent_id, exp_id, uri, sweep_path, trials, best, settings, pareto, progress.attr)
+
+
+def _retire_orphans(uri: str, exp_id: str, parent_id: str, known: list[str]) -> None:
+    """Trials that started (and opened an MLflow run) after Tune's last experiment-state save
+    before the sweep driver was killed: the restored Tune run does not know them, so their config
+    was proposed again as a new trial. Their MLflow runs are closed KILLED, tagged, and moved to
+    MLflow's deleted lifecycle stage, so the sweep lists every Tune trial exactly once; nothing is
+    erased (``mlflow runs restore --run-id ID`` brings one back)."""
+    c = tracking.client(uri)
+    for run in c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"):
+        trial_id = run.data.tags.get(TAG_TRIAL)
+        if trial_id is None or any(trial_id in k for k in known):
+            continue
+        _end_open_runs(uri, exp_id, run.info.run_id, "KILLED")
+        c.set_tag(run.info.run_id, "orchestrate.orphaned",
+                  "the sweep driver was killed before Tune recorded this trial; it was not resumed")
+        c.delete_run(run.info.run_id)
+        print(f"trial {trial_id}: started just before the sweep was killed and unknown to Tune's saved "
+              f"state; its MLflow run {run.info.run_id} is marked deleted (restorable)")
 
 
 def _end_open_runs(uri: str, exp_id: str, parent_id: str, status: str) -> None:

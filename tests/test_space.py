@@ -76,3 +76,30 @@ def test_pareto_front_by_hand():
     ]
     front = pareto_front(trials, ["q", "d"], ["min", "max"])
     assert sorted(t["trial_id"] for t in front) == ["a", "b", "d"]
+
+
+def test_a_resumed_sweep_retires_trials_that_tune_never_recorded(tmp_path, capsys):
+    """A trial that opened its MLflow run after Tune's last state save, before the driver was
+    killed, is unknown to the restored Tune run: its run is closed KILLED, tagged and marked
+    deleted (restorable), and the known trials, also one known only by its folder, are kept."""
+    from mlflow.entities import ViewType
+
+    from orchestrator import tracking
+    from orchestrator.sweep import TAG_TRIAL, _retire_orphans
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.get_or_create_experiment(uri, "sweeps")
+    parent = tracking.start_run(uri, exp, "s")
+    ids = {}
+    for trial in ("aaaa0001", "aaaa0002", "bbbb0003"):
+        ids[trial] = tracking.start_run(uri, exp, trial, parent_run_id=parent, tags={TAG_TRIAL: trial})
+    tracking.end_run(uri, ids["aaaa0001"], "FINISHED")
+    _retire_orphans(uri, exp, parent, ["aaaa0001", "trial_driver_aaaa0002_2_lr=0.001"])
+    c = tracking.client(uri)
+    active = {r.data.tags[TAG_TRIAL] for r in c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
+    assert active == {"aaaa0001", "aaaa0002"}
+    orphan = c.get_run(ids["bbbb0003"])
+    assert orphan.info.status == "KILLED" and orphan.info.lifecycle_stage == "deleted"
+    assert "orchestrate.orphaned" in orphan.data.tags
+    assert len(c.search_runs([exp], run_view_type=ViewType.ALL)) == 4  # nothing erased
+    assert "bbbb0003" in capsys.readouterr().out

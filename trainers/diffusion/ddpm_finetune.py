@@ -107,9 +107,13 @@ class DDPMFinetune(AdaptationMethod):
             eps_hat = self.net(x_t, t).sample
         return {"loss_simple": F.mse_loss(eps_hat.float(), eps)}
 
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The objective from the (weighted) terms of ``losses``: their sum by default."""
+        return sum(losses.values()) if len(losses) > 1 else next(iter(losses.values()))
+
     def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         losses = self.losses(batch)
-        total = sum(losses.values()) if len(losses) > 1 else next(iter(losses.values()))
+        total = self.total_loss(losses)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         grad_norm = None

@@ -403,24 +403,6 @@ class DualOutput(DDPMFinetune):
         return (cfg.loss_weight_x0 * terms["loss_x0"] + cfg.loss_weight_eps * terms["loss_eps"]
                 + cfg.loss_weight_mu * terms["loss_mu"]) / 3
 
-    def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        terms = self.losses(batch)
-        total = self.total_loss(terms)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = None
-        if self.config.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update(self.unet)
-        self.step += 1
-        out = {k: v.detach() for k, v in terms.items()}
-        out["loss"] = total.detach()
-        if grad_norm is not None:
-            out["grad_norm"] = grad_norm.detach()
-        return out
-
     def sample(self, n: int, steps: int | None = None, seed: int = 0) -> torch.Tensor:
         cfg = self.config
         return dual_sample(self.sampling_unet, self.scheduler, n, self.resolution, steps or cfg.sample_steps,
