@@ -4,27 +4,39 @@
         [--batch-size 8] [--samples 256] [--sample-steps 10] [--pretrain-steps N]
         [--out benchmarks/results] [--threads 2] [--vary-shots]
 
-One process, plain loops over the trainers' methods (no Ray, no MLflow):
+Everything is trained through the project's one training loop (``orchestrator.loop.run_loop`` in
+this process with a ``StoreSession``: no Ray, no MLflow); nothing here steps an optimiser. The
+loop's run storage and the artifacts it fetches are kept in a temporary folder, removed at the end.
 
 1. The source DDPM of the built-in task ``synthetic:<domain>`` with the pretrain spec
    ``SOURCE_SPEC`` (below): the very folder the CLI uses for that spec
-   (``orchestrator.sources.cached_source_path``); when it is not there yet it is pretrained here
-   with ``DDPMPretrain`` from the task's ``source.pretrain`` spec, in the same way as the CLI's
-   worker loop, and saved there with ``save_source`` (so the CLI reuses it, and vice versa).
+   (``orchestrator.sources.cached_source_path``). When it is not there yet it is pretrained here
+   as the CLI's ``pretrain_source`` does it (the spec's pretrainer, method config, data, seed and
+   batch stream: a ``Job(kind="pretrain")`` run by ``run_loop``), and its export is copied there
+   (so the CLI reuses it, and vice versa).
    ``--pretrain-steps`` changes the spec, and therefore the folder (the CLI's cache key hashes the
    spec): a quick run never writes a differently trained model under the default spec's name.
    The domain encoder behind the ``*_domain`` metrics comes from ``domain_encoder_for(task)``
-   (the CLI's own function: trained once with ``train_domain_encoder``, saved atomically).
+   (the CLI's own function: the shipped encoder of the synthetic source domain at 32², else one
+   trained once with ``train_domain_encoder``, saved atomically).
 2. For each seed and each method (``ddpm_finetune``, ``ddpm_pa``, default configs, the same
-   steps and batch size), train on the task's ten shots, sample, and ``evaluate`` against the
-   task's reference set (1,000 synthetic target images).
+   steps and batch size), an adaptation run on the task's ten shots through
+   ``orchestrator.config.resolve`` / ``orchestrator.inputs.prepare`` / ``make_job`` / ``run_loop``.
+   The run's row is the loop's final evaluation: ``--samples`` samples (sampling noise seed =
+   seed + 12345) at ``--sample-steps`` DDIM steps, ``evaluate``-d with this script's feature
+   networks against the task's reference set (1,000 synthetic target images; the loop's copies of
+   the shots and the reference set are checked to be this script's). Time per step: the loop's
+   training time (``time_train_s``) per step; CPU time per step: process CPU seconds over the
+   loop's report windows that hold training steps only. The sample grids of the first seed are
+   drawn again, with the same noise, from the reloaded exports.
    Shots: by default the task's own ten shots (``task.target``, seed 0: the images the CLI trains
    on), fixed over seeds as in the paper, which adapts to one fixed 10-shot set per domain; the
    benchmark seed varies the training (timesteps, noise, batches, pair choice) and the sampling
    noise. With ``--vary-shots`` the shot set is drawn anew per seed (draw 100 + seed of the
-   target domain; draws 0 and 1 are the task's shots and reference set, so a draw equal to the
-   reference seed would put the shots inside the reference set). Both methods of one seed see
-   the same shots, batches and sampling noise seed, so ratios are taken per seed (paired).
+   target domain, the run's ``task.target.seed``; draws 0 and 1 are the task's shots and
+   reference set, so a draw equal to the reference seed would put the shots inside the reference
+   set). Both methods of one seed see the same shots, batches and sampling noise seed, so ratios
+   are taken per seed (paired).
 3. A table (mean ± std over seeds) on stdout and in ``<out>/ddpm_pa_vs_finetune.md``, raw numbers
    in ``<out>/ddpm_pa_vs_finetune.json``, sample grids of seed 0 and the shots as PNGs.
 
@@ -41,16 +53,18 @@ fid_domain(pa) / fid_domain(ft) ≤ 1 + FID_TOLERANCE (10 %).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
-from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 # Before torch starts its OpenMP pool: idle threads sleep instead of spinning. On a CPU shared with
 # other jobs, spinning threads waiting for a descheduled sibling made a 2-thread step 4-15x slower
@@ -64,27 +78,38 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from orchestrator.config import PretrainSpec, TaskConfig, builtin_task  # noqa: E402
+from orchestrator.artifacts import ArtifactRef, fetch, load_array, publish, publish_array  # noqa: E402
+from orchestrator.config import PretrainSpec, RunSettings, TaskConfig, builtin_task, resolve  # noqa: E402
+from orchestrator.inputs import make_job, prepare  # noqa: E402
+from orchestrator.job import Job  # noqa: E402
+from orchestrator.loop import LoopResult, method_class, perf_for, run_loop  # noqa: E402
+from orchestrator.session import StoreSession  # noqa: E402
 from orchestrator.sources import (  # noqa: E402
+    ResolvedSource,
     cached_source_path,
     domain_encoder_for,
     encoder_path,
     is_ready,
 )
 from orchestrator.storage import data_cache_dir  # noqa: E402
+from trainers.builtin import builtin_encoder  # noqa: E402
 from trainers.data import TARGET_DOMAINS, load_images, to_tensor  # noqa: E402
-from trainers.common import random_batch  # noqa: E402
-from trainers.diffusion.backbone import ddim_sample, load_source, save_source  # noqa: E402
-from trainers.diffusion.ddpm_finetune import DDPMFinetune  # noqa: E402
-from trainers.diffusion.ddpm_pa import DDPMPA  # noqa: E402
-from trainers.diffusion.pretrain import DDPMPretrain  # noqa: E402
+from trainers.diffusion.backbone import ddim_sample, load_source  # noqa: E402
 from trainers.metrics import MissingWeightsError, ReferenceStats, available_extractors, evaluate  # noqa: E402
+from trainers.perf import DevicePerf  # noqa: E402
+from trainers.registry import load_source_model, pretrainer  # noqa: E402
 
-METHODS = (DDPMFinetune, DDPMPA)
+METHODS = ("ddpm_finetune", "ddpm_pa")
 FID_TOLERANCE = 0.10  # "similar quality": PA's FID at most 10 % above fine-tuning's (mean of per-seed ratios)
 METRICS = [("fid_domain", "↓"), ("kid_domain", "↓"), ("intra_dist_domain", "↑"), ("intra_lpips_vgg", "↑")]
 SHOT_DRAW_OFFSET = 100  # --vary-shots: shot draw = 100 + seed (never the reference set's draw)
-SAMPLE_SEED_OFFSET = 12345  # as the CLI's final evaluation: sampling noise seed = seed + 12345
+SAMPLE_SEED_OFFSET = 12345  # the loop's evaluation protocol: sampling noise seed = seed + 12345
+REPORT_EVERY = 50  # adaptation runs: steps per report of the loop (a log line; the training terms' window)
+# What the loop's final report holds besides the evaluation's metrics and the training terms
+# (and its phase timings, time_<phase>_s).
+LOOP_KEYS = {"step", "steps_per_s", "images_per_s", "export", "trainable_parameters"}
+LOOP_EVAL_KEYS = {"target_rate_domain", "eval_seconds"}  # the loop's evaluation adds these to evaluate()'s
+LOOP = "orchestrator.loop.run_loop in this process (StoreSession)"  # the result's "loop": who trained
 
 
 def log(msg: str) -> None:
@@ -100,6 +125,50 @@ class Clock:
 
     def elapsed(self) -> tuple[float, float]:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+class Progress:
+    """A ``StoreSession`` ``on_report``: one log line per report of the loop, and the process CPU
+    seconds per training step over the report windows that hold training steps only (not the
+    first, which also holds the loop's setup, nor the last, which holds the final evaluation and
+    the export); NaN when there is no such window."""
+
+    def __init__(self, label: str, total: int, keys: tuple[str, ...]):
+        self.label, self.total, self.keys = label, total, keys
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+        self.step, self.cpu_s, self.cpu_steps = 0, 0.0, 0
+
+    def __call__(self, m: dict[str, Any]) -> None:
+        cpu = time.process_time()
+        step = int(m["step"])
+        if self.step > 0 and step < self.total:
+            self.cpu_s += cpu - self.cpu0
+            self.cpu_steps += step - self.step
+        wall = time.perf_counter() - self.t0
+        terms = "  ".join(f"{k} {m[k]:.4f}" for k in self.keys if k in m)
+        log(f"{self.label} {step}/{self.total}  {terms}  {1 / m['steps_per_s']:.3f} s/step, "
+            f"eta {wall / step * (self.total - step) / 60:.1f} min")
+        self.step, self.cpu0 = step, time.process_time()
+
+    @property
+    def cpu_s_per_step(self) -> float:
+        return self.cpu_s / self.cpu_steps if self.cpu_steps else float("nan")
+
+
+@contextlib.contextmanager
+def node_cache(path: Path) -> Iterator[None]:
+    """``ORCHESTRATE_CACHE`` at ``path`` meanwhile: what the loop publishes and fetches (data,
+    source copies, exports) stays in this run's temporary folder, out of the CLI's cache (the
+    source folder, encoder and decoded data this script shares with the CLI are located before)."""
+    saved = os.environ.get("ORCHESTRATE_CACHE")
+    os.environ["ORCHESTRATE_CACHE"] = str(path)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("ORCHESTRATE_CACHE", None)
+        else:
+            os.environ["ORCHESTRATE_CACHE"] = saved
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,80 +191,95 @@ def source_folder(task: TaskConfig, pretrain_steps: int | None) -> tuple[TaskCon
     return task, cached_source_path(task)
 
 
-def pretrain(task: TaskConfig, folder: Path, device: torch.device) -> dict[str, Any]:
-    """Pretrain the source DDPM as the CLI's worker loop does (same data, seeds, batches, export)."""
+def pretrain(task: TaskConfig, folder: Path, storage: str, scratch: Path, threads: int,
+             device: torch.device) -> dict[str, Any]:
+    """Pretrain the source DDPM in the one loop as the CLI's ``pretrain_source`` does (the spec's
+    pretrainer, method config, data and seed), then copy its export to ``folder``."""
     spec: PretrainSpec = task.source.pretrain
-    images = to_tensor(load_images(spec.data, task.resolution, count=spec.count, seed=spec.seed,
-                                   cache_dir=data_cache_dir())).to(device)
-    settings = {"preset": spec.preset, "batch_size": spec.batch_size}
+    cls = pretrainer(task.source.family, spec.pretrainer)
+    settings: dict[str, Any] = {"preset": spec.preset, "batch_size": spec.batch_size}
     if spec.lr is not None:  # None: the pretrainer's own default (as the CLI)
         settings["lr"] = spec.lr
-    cfg = DDPMPretrain.Config(**settings)
-    torch.manual_seed(spec.seed)
-    method = DDPMPretrain(cfg, task.resolution, device, seed=spec.seed)
-    gen = torch.Generator(device=device).manual_seed(spec.seed + 7)
+    cfg = cls.Config(**settings)
+    images = load_images(spec.data, task.resolution, count=spec.count, seed=spec.seed, cache_dir=data_cache_dir())
+    run = RunSettings(steps=spec.steps, report_every=max(1, min(100, spec.steps)), seed=spec.seed,
+                      cpus_per_worker=float(threads), use_gpu=device.type == "cuda")
     clock = Clock()
-    losses: list[float] = []
-    for step in range(spec.steps):
-        out = method.train_step(random_batch(images, cfg.batch_size, gen, hflip=cfg.hflip))
-        losses.append(out["loss"])
-        if not math.isfinite(out["loss"]):
-            raise FloatingPointError(f"pretraining diverged at step {step + 1}: {out}")
-        if (step + 1) % 100 == 0 or step + 1 == spec.steps:
-            wall, _ = clock.elapsed()
-            log(f"  pretrain {step + 1}/{spec.steps}  loss {np.mean(losses[-100:]):.4f}  "
-                f"{wall / (step + 1):.2f} s/step, eta {wall / (step + 1) * (spec.steps - step - 1) / 60:.1f} min")
-    if is_ready(task, folder):  # someone (a CLI run) finished the same spec meanwhile: keep theirs
-        log(f"  {folder} appeared meanwhile; keeping it")
-    else:
-        save_source(method.sampling_unet, method.scheduler, folder,
-                    extra={"adapted_by": method.key, "adapted_from": method.source.origin,
-                           "pretrain": spec.model_dump(mode="json"),
-                           "written_by": "benchmarks/ddpm_pa_vs_finetune.py"})
+    with node_cache(scratch):
+        job = Job(kind="pretrain", name=f"pretrain-{folder.name}", method=cls.key, family=task.source.family,
+                  resolution=task.resolution, method_config=cfg.model_dump(mode="json"), run=run,
+                  storage=storage, data=publish_array(images, storage), checkpoint_at=[])
+        result = run_loop(job, StoreSession(storage, job.name, device=device,
+                                            on_report=Progress("  pretrain", spec.steps, ("loss",))))
+        install(fetch(result.export), task, folder)
     wall, cpu = clock.elapsed()
-    return {"steps": spec.steps, "wall_s": wall, "cpu_s": cpu, "final_loss": float(np.mean(losses[-100:]))}
+    last = result.metrics
+    return {"steps": spec.steps, "wall_s": wall, "cpu_s": cpu, "s_per_step": last["time_train_s"] / spec.steps,
+            "final_loss": last["loss"]}
+
+
+def install(export: Path, task: TaskConfig, folder: Path) -> None:
+    """A copy of a pretraining export at ``folder`` (written beside it, then renamed into place);
+    when a CLI run finished the same spec meanwhile, theirs is kept."""
+    if is_ready(task, folder):
+        log(f"  {folder} appeared meanwhile; keeping it")
+        return
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(export, tmp)
+    try:
+        tmp.replace(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_ready(task, folder):
+            raise
+        log(f"  {folder} appeared meanwhile; keeping it")
 
 
 # ------------------------------------------------------------------------------------------------
 # one adaptation run
 # ------------------------------------------------------------------------------------------------
-def adapt(cls, folder: Path, shots: torch.Tensor, seed: int, args, device: torch.device):
-    """Train ``cls`` (default config, the benchmark's batch size) for ``args.steps`` steps on the
-    shots; return the method, the per-step timings and the last losses."""
-    torch.manual_seed(seed)
-    source = load_source(str(folder), device)  # fresh: the methods train the source UNet in place
-    cfg = cls.Config(batch_size=args.batch_size)
-    method = cls(cfg, source, device, seed=seed)
-    images = shots.to(device)
-    gen = torch.Generator(device=device).manual_seed(seed + 7)  # the CLI worker's batch stream
-    history: dict[str, list[float]] = {}
-    wall = cpu = 0.0
-    for step in range(args.steps):
-        clock = Clock()
-        out = method.train_step(random_batch(images, cfg.batch_size, gen, hflip=cfg.hflip))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        w, c = clock.elapsed()
-        wall, cpu = wall + w, cpu + c
-        for k, v in out.items():
-            history.setdefault(k, []).append(v)
-        if not all(math.isfinite(v) for v in out.values()):
-            raise FloatingPointError(f"{cls.key} seed {seed}: non-finite losses at step {step + 1}: {out}")
-        if (step + 1) % 100 == 0 or step + 1 == args.steps:
-            log(f"    {cls.key} seed {seed} step {step + 1}/{args.steps}  loss {np.mean(history['loss'][-100:]):.4f}"
-                f"  {wall / (step + 1):.3f} s/step")
-    last = {k: float(np.mean(v[-50:])) for k, v in history.items()}
-    return method, {"s_per_step": wall / args.steps, "cpu_s_per_step": cpu / args.steps}, last
+def adapt(method: str, folder: Path, source: ArtifactRef, encoder: ArtifactRef, draw: int, seed: int,
+          metrics: list[str], args, storage: str, device: torch.device) -> tuple[LoopResult, Job, Progress]:
+    """``method`` (default config, the benchmark's batch size) for ``args.steps`` steps on the shot
+    draw ``draw`` of the built-in task, from the source at ``folder`` (published as ``source``):
+    resolve -> prepare -> make_job -> run_loop. Its final evaluation is the benchmark's protocol."""
+    overrides: dict[str, Any] = {
+        "task.source.model": str(folder), "task.target.seed": draw, "batch_size": args.batch_size,
+        "run.steps": args.steps, "run.report_every": min(REPORT_EVERY, args.steps), "run.eval_every": 0,
+        "run.eval_samples": args.samples, "run.eval_sample_steps": args.sample_steps, "run.seed": seed,
+        "run.metrics": metrics, "run.cpus_per_worker": float(args.threads), "run.use_gpu": device.type == "cuda",
+    }
+    cfg = resolve(method, f"synthetic:{args.domain}", overrides=overrides)
+    inputs = prepare(cfg, storage=storage, source=ResolvedSource(source, None, folder), encoder=encoder)
+    job = make_job(cfg, inputs, name=f"{method}-seed{seed}", storage=storage, checkpoint_at=[])
+    progress = Progress(f"    {method} seed {seed} step", args.steps, ("loss",))
+    result = run_loop(job, StoreSession(storage, job.name, device=device, on_report=progress))
+    return result, job, progress
 
 
-def sample_and_evaluate(sample_fn, reference, shots, extractors, cache, seed: int, n: int):
-    clock = Clock()
-    samples = sample_fn()
-    sample_wall, _ = clock.elapsed()
-    metrics = evaluate(samples, reference, shots, extractors, seed=seed,
-                       kid_subset_size=min(1000, n, len(reference)), cache=cache)
-    metrics["sample_s"] = sample_wall
-    return samples, metrics
+def run_row(final: dict[str, Any], metric_keys: set[str], steps: int, cpu_s_per_step: float) -> dict[str, Any]:
+    """A run's row from the loop's final report: its evaluation's metrics, the time per step, and
+    the training terms of its last report window as ``train_<term>``."""
+    row = {k: v for k, v in final.items() if k in metric_keys}
+    row.update(s_per_step=final["time_train_s"] / steps, cpu_s_per_step=cpu_s_per_step)
+    row.update({f"train_{k}": v for k, v in final.items()
+                if k not in metric_keys and k not in LOOP_KEYS and not k.startswith("time_")})
+    return row
+
+
+def same_images(ref: ArtifactRef, images: torch.Tensor, what: str) -> None:
+    """The loop's copy of an image set (published by ``prepare``) is this script's set."""
+    if not np.array_equal(load_array(ref), images.permute(0, 2, 3, 1).numpy()):
+        raise RuntimeError(f"the loop's {what} differ from this script's")
+
+
+def reload(job: Job, export: ArtifactRef, device: torch.device):
+    """The trained method around its export (the loop's class, config and precision), for sampling."""
+    cls = method_class(job)
+    source = load_source_model(job.family, str(fetch(export)), device)
+    return cls(cls.Config.model_validate(job.method_config), source, device, seed=job.run.seed,
+               perf=perf_for(job, device, cls))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,20 +414,23 @@ def main(argv=None) -> dict[str, Any]:
     spec = task.source.pretrain
     log(f"task {task.name}: source {folder} ({'cached' if is_ready(task, folder) else 'to pretrain'}), "
         f"device {device}, {args.threads} threads, load average {load_start[0]:.1f}")
+    # The loop's run storage and the artifacts it fetches: temporary (see node_cache).
+    work = tempfile.TemporaryDirectory(prefix="ddpm_pa_vs_finetune-")
+    storage, scratch = str(Path(work.name) / "storage"), Path(work.name) / "node-cache"
 
     # 1. source model and domain encoder --------------------------------------------------------
     source_info: dict[str, Any] = {"path": str(folder), "cached": is_ready(task, folder), "spec": spec.model_dump(mode="json")}
     if not source_info["cached"]:
         log(f"pretraining the source DDPM: {spec.steps} steps, batch {spec.batch_size}, preset {spec.preset}")
-        source_info["pretrain"] = pretrain(task, folder, device)
+        source_info["pretrain"] = pretrain(task, folder, storage, scratch, args.threads, device)
         phases["pretrain source"] = {"wall_s": source_info["pretrain"]["wall_s"], "cpu_s": source_info["pretrain"]["cpu_s"]}
-    enc_path = encoder_path(task)
-    source_info["encoder"] = str(enc_path)
-    source_info["encoder_cached"] = enc_path.is_file()
+    source_info["encoder_cached"] = builtin_encoder(task) is not None or encoder_path(task).is_file()
     if not source_info["encoder_cached"]:
         log(f"training the domain encoder: {spec.encoder_steps} SimCLR steps")
-        clock = Clock()
-        domain_encoder_for(task)
+    clock = Clock()
+    enc_path = domain_encoder_for(task)  # the CLI's: the shipped one of the synthetic source domain, else trained once
+    source_info["encoder"] = str(enc_path)
+    if not source_info["encoder_cached"]:
         w, c = clock.elapsed()
         phases["train domain encoder"] = {"wall_s": w, "cpu_s": c}
 
@@ -378,7 +465,7 @@ def main(argv=None) -> dict[str, Any]:
     src = load_source(str(folder), device)
     src_samples = ddim_sample(src.unet.eval(), src.scheduler, args.samples, src.resolution, args.sample_steps,
                               device, seed=args.seeds[0] + SAMPLE_SEED_OFFSET,  # the methods' precision:
-                              autocast_dtype=torch.bfloat16 if device.type == "cuda" else None).cpu()
+                              autocast=DevicePerf(device).autocast()).cpu()
     del src
     source_rows, real_rows = [], []
     for seed in args.seeds:  # evaluated against each seed's shots (the same set unless --vary-shots)
@@ -391,30 +478,40 @@ def main(argv=None) -> dict[str, Any]:
     w, c = clock.elapsed()
     phases["reference rows (sample + evaluate)"] = {"wall_s": w, "cpu_s": c}
 
-    # 3. the comparison -------------------------------------------------------------------------
-    runs: dict[str, list[dict[str, float]]] = {cls.key: [] for cls in METHODS}
+    # 3. the comparison: every run through the one training loop -------------------------------
+    runs: dict[str, list[dict[str, float]]] = {key: [] for key in METHODS}
     grids: dict[str, torch.Tensor] = {}
-    train_wall = train_cpu = 0.0
-    clock_all = Clock()
-    for seed in args.seeds:
-        for cls in METHODS:
-            log(f"  {cls.key} seed {seed}: {args.steps} steps, batch {args.batch_size}")
-            method, timing, last = adapt(cls, folder, shots_of[seed], seed, args, device)
-            train_wall += timing["s_per_step"] * args.steps
-            train_cpu += timing["cpu_s_per_step"] * args.steps
-            samples, metrics = sample_and_evaluate(
-                partial(method.sample, args.samples, steps=args.sample_steps, seed=seed + SAMPLE_SEED_OFFSET),
-                reference, shots_of[seed], extractors, cache, seed, args.samples)
-            row = {**metrics, **timing, **{f"train_{k}": v for k, v in last.items()}, "seed": seed}
-            runs[cls.key].append(row)
-            if seed == args.seeds[0]:
-                grids[cls.key] = samples[: args.grid]
-            log(f"    {cls.key} seed {seed}: " + ", ".join(f"{k} {row[k]:.4g}" for k, _ in columns if k in row)
-                + f", {timing['s_per_step']:.3f} s/step, sampling {metrics['sample_s']:.0f} s")
-            del method
-    w, c = clock_all.elapsed()
-    phases["adaptation (train)"] = {"wall_s": train_wall, "cpu_s": train_cpu}
-    phases["adaptation (sample + evaluate)"] = {"wall_s": w - train_wall, "cpu_s": c - train_cpu}
+    loop_metrics = ["domain"] + (["lpips_vgg"] if len(extractors) > 1 else [])  # this script's networks
+    metric_keys = set(source_rows[0]) | LOOP_EVAL_KEYS
+    loop_wall = loop_cpu = grid_wall = grid_cpu = 0.0
+    with node_cache(scratch):
+        source_ref, encoder_ref = publish(folder, storage), publish(enc_path, storage)
+        for seed in args.seeds:
+            draw = SHOT_DRAW_OFFSET + seed if args.vary_shots else t.seed
+            for key in METHODS:
+                log(f"  {key} seed {seed}: {args.steps} steps, batch {args.batch_size}")
+                clock = Clock()
+                result, job, prog = adapt(key, folder, source_ref, encoder_ref, draw, seed, loop_metrics,
+                                          args, storage, device)
+                w, c = clock.elapsed()
+                loop_wall, loop_cpu = loop_wall + w, loop_cpu + c
+                same_images(job.data, shots_of[seed], "shots")
+                if seed == args.seeds[0] and key == METHODS[0]:
+                    same_images(job.reference, reference, "reference images")
+                row = {**run_row(result.metrics, metric_keys, args.steps, prog.cpu_s_per_step), "seed": seed}
+                runs[key].append(row)
+                if seed == args.seeds[0]:  # the evaluation's samples again, from the reloaded export
+                    clock = Clock()
+                    samples = reload(job, result.export, device).sample(args.samples, steps=args.sample_steps,
+                                                                        seed=seed + SAMPLE_SEED_OFFSET)
+                    grids[key] = samples[: args.grid]
+                    w, c = clock.elapsed()
+                    grid_wall, grid_cpu = grid_wall + w, grid_cpu + c
+                log(f"    {key} seed {seed}: " + ", ".join(f"{k} {row[k]:.4g}" for k, _ in columns if k in row)
+                    + f", {row['s_per_step']:.3f} s/step, evaluation {row['eval_seconds']:.0f} s")
+    work.cleanup()
+    phases["adaptation (run_loop: train, final evaluation, export)"] = {"wall_s": loop_wall, "cpu_s": loop_cpu}
+    phases["sample grids (reloaded exports)"] = {"wall_s": grid_wall, "cpu_s": grid_cpu}
 
     # 4. report ---------------------------------------------------------------------------------
     wall_total, cpu_total = t_start.elapsed()
@@ -439,7 +536,7 @@ def main(argv=None) -> dict[str, Any]:
         "command": cmd, "date": started.isoformat(), "wall_s": wall_total, "cpu_s": cpu_total,
         "machine": machine, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "task": task.model_dump(mode="json"), "lpips_note": lpips_note, "columns": [k for k, _ in columns],
-        "source": source_info, "phases": phases,
+        "source": source_info, "phases": phases, "loop": LOOP,
         "source_rows": source_rows, "real_rows": real_rows, "runs": runs,
         "ratios": {k: [p[k] / f[k] for p, f in zip(pa, ft)] for k in ratio_keys},
     }
@@ -491,6 +588,14 @@ def report(result: dict[str, Any], out: Path) -> None:
         f"| {name} | " + " | ".join(fmt([r[k] for r in rs if k in r], 3) for k in loss_keys) + " |"
         for name, rs in (("ddpm_finetune", ft), ("ddpm_pa", pa)))
     grid = min(st.get("grid", 16), st["samples"])
+    last_n = st["steps"] % REPORT_EVERY or min(REPORT_EVERY, st["steps"])  # the loop's last report window
+    loop_txt = time_txt = ""
+    if result.get("loop"):
+        loop_txt = (f" Trained by the project's one loop, `{result['loop']}`; the evaluation is the loop's final "
+                    "one (the grids below are its samples, drawn again from the reloaded exports).")
+        time_txt = ("\ns/step: the loop's training time (`time_train_s`) per step; CPU s/step: process CPU seconds "
+                    "per step over the loop's report windows that hold training steps only (n/a when a run had "
+                    "none: not the first, which holds the loop's setup, nor the last).\n")
     grid_png = out / f"ddpm_pa_vs_finetune_ddpm_pa_seed{seeds[0]}.png"
     if grid_png.is_file():  # what the PNG holds (8 a row, 1-pixel gaps)
         from PIL import Image
@@ -507,7 +612,7 @@ pretrained on `{spec.data}`: {spec.steps} steps, batch {spec.batch_size}, lr {sp
 {t.shots} shots of `{t.data}`. Shots: {shots_txt}.
 
 Both methods: default configs (`ddpm_pa`: λ_img 4, λ_hf 4, λ_hfmse 1, pairs of 3, all timesteps), **{st['steps']} steps,
-batch {st['batch_size']}**, lr 1e-4, EMA 0.999, grad-norm clip 1; seeds {', '.join(map(str, seeds))}. Evaluation:
+batch {st['batch_size']}**, lr 1e-4, EMA 0.999, grad-norm clip 1; seeds {', '.join(map(str, seeds))}.{loop_txt} Evaluation:
 {st['samples']} samples (EMA weights), {st['sample_steps']} DDIM steps, against the task's reference set ({n_ref} images of
 `{ref.data}`, draw {ref.seed}), features of the project's domain encoder (SimCLR on the source domain,
 {spec.encoder_steps} steps). `intra_dist_domain` is the Intra-LPIPS protocol (Ojha et al. 2021: samples
@@ -531,7 +636,7 @@ Rule (computed in `verdict()`): Δ = intra_dist_domain(pa) − intra_dist_domain
 diversity iff mean(Δ) > 0 and mean(Δ) > std(Δ) over seeds; similar quality iff mean(fid pa/ft) ≤
 {1 + FID_TOLERANCE:.2f}.
 
-Training losses, mean of the last 50 steps (`ddpm_pa`'s terms are weighted, as in its loss dict;
+Training losses, mean of the last {last_n} steps (`ddpm_pa`'s terms are weighted, as in its loss dict;
 the gradient norm is before clipping):
 
 | method | {' | '.join(k.removeprefix('train_') for k in loss_keys)} |
@@ -544,7 +649,7 @@ the gradient norm is before clipping):
 |---|---|---|
 {phase_lines}
 | **total** | **{wall_total / 60:.1f}** | **{cpu_total / 60:.1f}** |
-
+{time_txt}
 ## Samples (seed {seeds[0]}, first {grid})
 
 | shots | source | ddpm_finetune | ddpm_pa |

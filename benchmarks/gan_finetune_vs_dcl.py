@@ -5,29 +5,39 @@ Generation" (CVPR 2022, arXiv 2205.03805) in small.
         [--batch-size 4] [--samples 256] [--eval-every 100] [--pretrain-steps N]
         [--out benchmarks/results] [--threads 1] [--vary-shots]
 
-One process, plain loops over the trainers' methods (no Ray, no MLflow):
+Everything is trained through the project's one training loop (``orchestrator.loop.run_loop`` in
+this process with a ``StoreSession``: no Ray, no MLflow); nothing here steps an optimiser. The
+loop's run storage and the artifacts it fetches are kept in a temporary folder, removed at the end.
 
 1. The source StyleGAN2 of the built-in task ``synthetic:<domain>`` with family ``stylegan2``: the
    very folder the CLI uses (``orchestrator.sources.cached_source_path``). When it is not there yet
-   it is pretrained here with ``GANPretrain`` from the task's ``source.pretrain`` spec exactly as the
-   CLI's worker loop does (same images, seeds, batch stream; lr None = the pretrainer's default)
-   and ``export()``-ed there, so that CLI runs reuse it and vice versa. ``--pretrain-steps``
-   changes the spec and therefore the folder (the CLI's cache key hashes the whole spec): a quick
-   run never writes a differently trained model under the default spec's name.
+   it is pretrained here as the CLI's ``pretrain_source`` does it (the spec's pretrainer, method
+   config, images, seed and batch stream, lr None = the pretrainer's default: a
+   ``Job(kind="pretrain")`` run by ``run_loop``), and its export is copied there, so that CLI runs
+   reuse it and vice versa. ``--pretrain-steps`` changes the spec and therefore the folder (the
+   CLI's cache key hashes the whole spec): a quick run never writes a differently trained model
+   under the default spec's name.
    The domain encoder behind the ``*_domain`` metrics is the CLI's too (``encoder_path(task)``);
    when missing it is trained here with ``train_domain_encoder`` with the arguments of
    ``orchestrator.sources.domain_encoder_for`` and saved atomically (a per-process temporary file).
 2. For each seed and each method (``gan_finetune``, ``dcl``, default configs, the same steps and
-   batch size), train on the task's ten shots, sample ``--samples`` images (G_ema) and
-   ``evaluate`` them against the task's reference set (1,000 synthetic target images), also every
-   ``--eval-every`` steps on the way (a quality/diversity trajectory; untimed, and sampling has
-   its own generator, so it changes nothing in the training).
+   batch size), an adaptation run on the task's ten shots through ``orchestrator.config.resolve`` /
+   ``orchestrator.inputs.prepare`` / ``make_job`` / ``run_loop``. The loop evaluates every
+   ``--eval-every`` steps (a quality/diversity trajectory; outside the loop's training time, and
+   sampling has its own generator, so it changes nothing in the training) and at the end (the
+   run's row): ``--samples`` images from G_ema (noise seed = seed + 12345), ``evaluate``-d with this
+   script's feature networks against the task's reference set (1,000 synthetic target images; the
+   loop's copies of the shots and the reference set are checked to be this script's). Time per
+   step: the loop's training time (``time_train_s``) per step; CPU time per step: process CPU
+   seconds over the loop's report windows that hold training steps only. The sample grids of the
+   first seed are drawn again, with the same noise, from the reloaded exports.
    Shots: by default the task's own ten shots (``task.target``, draw 0: the images the CLI trains
    on), fixed over seeds as in the paper (one fixed 10-shot set per domain); the seed varies the
    training (z's, style mixing, noise maps, batches) and the sampling noise. With
-   ``--vary-shots`` the shot set is drawn anew per seed (draw 100 + seed; draws 0 and 1 are the
-   task's shots and reference set). Both methods of one seed see the same shots, batches, latents
-   and sampling noise, so ratios are taken per seed (paired).
+   ``--vary-shots`` the shot set is drawn anew per seed (draw 100 + seed, the run's
+   ``task.target.seed``; draws 0 and 1 are the task's shots and reference set). Both methods of one
+   seed see the same shots, batches, latents and sampling noise, so ratios are taken per seed
+   (paired).
 3. A table (mean ± std over seeds) on stdout and in ``<out>/gan_finetune_vs_dcl.md``, raw numbers
    in ``<out>/gan_finetune_vs_dcl.json``, sample grids of seed 0 and the shots as PNGs.
 
@@ -66,15 +76,18 @@ a virtue either; the report says how far each method closed the source→target 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -83,25 +96,36 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from orchestrator.config import PretrainSpec, TaskConfig, builtin_task  # noqa: E402
-from orchestrator.sources import cached_source_path, encoder_path, is_ready  # noqa: E402
+from orchestrator.artifacts import ArtifactRef, fetch, load_array, publish, publish_array  # noqa: E402
+from orchestrator.config import PretrainSpec, RunSettings, TaskConfig, builtin_task, resolve  # noqa: E402
+from orchestrator.inputs import make_job, prepare  # noqa: E402
+from orchestrator.job import Job  # noqa: E402
+from orchestrator.loop import LoopResult, method_class, perf_for, run_loop  # noqa: E402
+from orchestrator.session import StoreSession  # noqa: E402
+from orchestrator.sources import ResolvedSource, cached_source_path, encoder_path, is_ready  # noqa: E402
 from orchestrator.storage import cache_home, data_cache_dir  # noqa: E402
 from trainers.data import TARGET_DOMAINS, load_images, to_tensor  # noqa: E402
-from trainers.common import random_batch  # noqa: E402
 from trainers.gan.dcl import DCL  # noqa: E402
 from trainers.gan.gan_finetune import GANFinetune  # noqa: E402
-from trainers.gan.pretrain import GANPretrain  # noqa: E402
 from trainers.gan.source import load_gan_source  # noqa: E402
 from trainers.metrics import MissingWeightsError, ReferenceStats, available_extractors, evaluate  # noqa: E402
 from trainers.metrics import train_domain_encoder  # noqa: E402
+from trainers.registry import load_source_model, pretrainer  # noqa: E402
 
 FAMILY = "stylegan2"
-METHODS = (GANFinetune, DCL)
+METHODS = ("gan_finetune", "dcl")
 FID_TOLERANCE = 0.10  # "similar quality": DCL's FID at most 10 % above fine-tuning's (mean of per-seed ratios)
 METRICS = [("fid_domain", "↓"), ("kid_domain", "↓"), ("intra_dist_domain", "↑"), ("intra_lpips_vgg", "↑")]
 SHOT_DRAW_OFFSET = 100  # --vary-shots: shot draw = 100 + seed (never the reference set's draw)
-SAMPLE_SEED_OFFSET = 12345  # as the CLI's final evaluation: sampling noise seed = seed + 12345
+SAMPLE_SEED_OFFSET = 12345  # the loop's evaluation protocol: sampling noise seed = seed + 12345
 NAME = "gan_finetune_vs_dcl"
+REPORT_EVERY = 50  # adaptation runs: steps per log line; the loop reports every gcd(--eval-every, 50) steps
+TERMS = ("d_loss", "g_adv", "g_cl", "g_cl_d", "d_cl", "real_score", "fake_score")  # logged training terms
+# What the loop's final report holds besides the evaluation's metrics and the training terms
+# (and its phase timings, time_<phase>_s).
+LOOP_KEYS = {"step", "steps_per_s", "images_per_s", "export", "trainable_parameters"}
+LOOP_EVAL_KEYS = {"target_rate_domain", "eval_seconds"}  # the loop's evaluation adds these to evaluate()'s
+LOOP = "orchestrator.loop.run_loop in this process (StoreSession)"  # the result's "loop": who trained
 
 
 def log(msg: str) -> None:
@@ -119,6 +143,60 @@ class Clock:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
+class Progress:
+    """A ``StoreSession`` ``on_report``: a log line every ``log_every`` steps (and the metrics of the
+    loop's periodic evaluations, every ``eval_every`` steps), and the process CPU seconds per
+    training step over the report windows that hold training steps only (not the first, which also
+    holds the loop's setup, nor one that ends in an evaluation or the export); NaN when there is
+    no such window."""
+
+    def __init__(self, label: str, total: int, keys: tuple[str, ...], log_every: int,
+                 eval_every: int = 0, eval_keys: tuple[str, ...] = ()):
+        self.label, self.total, self.keys, self.log_every = label, total, keys, log_every
+        self.eval_every, self.eval_keys = eval_every, eval_keys
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+        self.step, self.cpu_s, self.cpu_steps = 0, 0.0, 0
+
+    def evaluated(self, step: int) -> bool:
+        """Whether the loop evaluated at ``step`` (its periodic evaluations and the final one)."""
+        return step == self.total or bool(self.eval_every and step % self.eval_every == 0)
+
+    def __call__(self, m: dict[str, Any]) -> None:
+        cpu = time.process_time()
+        step = int(m["step"])
+        if self.step > 0 and not self.evaluated(step):
+            self.cpu_s += cpu - self.cpu0
+            self.cpu_steps += step - self.step
+        if step % self.log_every == 0 or step == self.total:
+            wall = time.perf_counter() - self.t0
+            terms = "  ".join(f"{k} {m[k]:.3f}" for k in self.keys if k in m)
+            log(f"{self.label} {step}/{self.total}  {terms}  {1 / m['steps_per_s']:.3f} s/step, "
+                f"eta {wall / step * (self.total - step) / 60:.1f} min")
+        if self.eval_keys and self.evaluated(step) and step < self.total:
+            log(f"{self.label} {step}: " + ", ".join(f"{k} {m[k]:.4g}" for k in self.eval_keys))
+        self.step, self.cpu0 = step, time.process_time()
+
+    @property
+    def cpu_s_per_step(self) -> float:
+        return self.cpu_s / self.cpu_steps if self.cpu_steps else float("nan")
+
+
+@contextlib.contextmanager
+def node_cache(path: Path) -> Iterator[None]:
+    """``ORCHESTRATE_CACHE`` at ``path`` meanwhile: what the loop publishes and fetches (data,
+    source copies, exports) stays in this run's temporary folder, out of the CLI's cache (the
+    source folder, encoder and decoded data this script shares with the CLI are located before)."""
+    saved = os.environ.get("ORCHESTRATE_CACHE")
+    os.environ["ORCHESTRATE_CACHE"] = str(path)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("ORCHESTRATE_CACHE", None)
+        else:
+            os.environ["ORCHESTRATE_CACHE"] = saved
+
+
 # ------------------------------------------------------------------------------------------------
 # source model and domain encoder
 # ------------------------------------------------------------------------------------------------
@@ -131,43 +209,51 @@ def task_with_pretrain_steps(task: TaskConfig, pretrain_steps: int | None) -> Ta
     return task.model_copy(update={"source": task.source.model_copy(update={"pretrain": spec})})
 
 
-def pretrain(task: TaskConfig, folder: Path, device: torch.device) -> dict[str, Any]:
-    """Pretrain the source StyleGAN2 as the CLI's worker loop does (``orchestrator.sources.
-    pretrain_source`` + ``worker.train_loop``): same method config, data, seeds and batch stream,
-    then ``export()`` to ``folder``."""
+def pretrain(task: TaskConfig, folder: Path, storage: str, scratch: Path, threads: int,
+             device: torch.device) -> dict[str, Any]:
+    """Pretrain the source StyleGAN2 in the one loop as the CLI's ``pretrain_source`` does (the
+    spec's pretrainer, method config, data and seed, its report interval), then copy its export
+    to ``folder``."""
     spec: PretrainSpec = task.source.pretrain
+    cls = pretrainer(task.source.family, spec.pretrainer)
     settings: dict[str, Any] = {"preset": spec.preset, "batch_size": spec.batch_size}
     if spec.lr is not None:
         settings["lr"] = spec.lr
-    cfg = GANPretrain.Config(**settings)
-    images = to_tensor(load_images(spec.data, task.resolution, count=spec.count, seed=spec.seed,
-                                   cache_dir=data_cache_dir())).to(device)
-    torch.manual_seed(spec.seed)
-    method = GANPretrain(cfg, task.resolution, device, seed=spec.seed)
-    gen = torch.Generator(device=device).manual_seed(spec.seed + 7)
-    clock = Clock()
-    window: dict[str, list[float]] = {}
+    cfg = cls.Config(**settings)
+    images = load_images(spec.data, task.resolution, count=spec.count, seed=spec.seed, cache_dir=data_cache_dir())
     every = max(1, min(250, spec.steps))
-    for step in range(spec.steps):
-        out = method.train_step(random_batch(images, cfg.batch_size, gen, hflip=cfg.hflip))
-        if not all(math.isfinite(v) for v in out.values()):
-            raise FloatingPointError(f"pretraining diverged at step {step + 1}: {out}")
-        for k in ("d_loss", "g_loss", "real_score", "fake_score"):
-            window.setdefault(k, []).append(out[k])
-        if (step + 1) % every == 0 or step + 1 == spec.steps:
-            wall, _ = clock.elapsed()
-            log(f"  pretrain {step + 1}/{spec.steps}  d_loss {np.mean(window['d_loss']):.3f}  "
-                f"g_loss {np.mean(window['g_loss']):.3f}  {wall / (step + 1):.3f} s/step, "
-                f"eta {wall / (step + 1) * (spec.steps - step - 1) / 60:.1f} min")
-            last = {k: float(np.mean(v)) for k, v in window.items()}
-            window = {}
-    if is_ready(task, folder):  # someone (a CLI run) finished the same spec meanwhile: keep theirs
-        log(f"  {folder} appeared meanwhile; keeping it")
-    else:
-        method.export(folder)  # atomic (save_gan_source writes a temporary file, then renames)
+    run = RunSettings(steps=spec.steps, report_every=every, seed=spec.seed, cpus_per_worker=float(threads),
+                      use_gpu=device.type == "cuda")
+    clock = Clock()
+    with node_cache(scratch):
+        job = Job(kind="pretrain", name=f"pretrain-{folder.name}", method=cls.key, family=task.source.family,
+                  resolution=task.resolution, method_config=cfg.model_dump(mode="json"), run=run,
+                  storage=storage, data=publish_array(images, storage), checkpoint_at=[])
+        progress = Progress("  pretrain", spec.steps, ("d_loss", "g_loss"), every)
+        result = run_loop(job, StoreSession(storage, job.name, device=device, on_report=progress))
+        install(fetch(result.export), task, folder)
     wall, cpu = clock.elapsed()
-    return {"steps": spec.steps, "wall_s": wall, "cpu_s": cpu, "s_per_step": wall / spec.steps,
-            **{f"final_{k}": v for k, v in last.items()}}
+    last = result.metrics
+    return {"steps": spec.steps, "wall_s": wall, "cpu_s": cpu, "s_per_step": last["time_train_s"] / spec.steps,
+            **{f"final_{k}": last[k] for k in ("d_loss", "g_loss", "real_score", "fake_score") if k in last}}
+
+
+def install(export: Path, task: TaskConfig, folder: Path) -> None:
+    """A copy of a pretraining export at ``folder`` (written beside it, then renamed into place);
+    when a CLI run finished the same spec meanwhile, theirs is kept."""
+    if is_ready(task, folder):
+        log(f"  {folder} appeared meanwhile; keeping it")
+        return
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(export, tmp)
+    try:
+        tmp.replace(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_ready(task, folder):
+            raise
+        log(f"  {folder} appeared meanwhile; keeping it")
 
 
 def ensure_encoder(task: TaskConfig, device: torch.device) -> Path:
@@ -195,51 +281,52 @@ def ensure_encoder(task: TaskConfig, device: torch.device) -> Path:
 # ------------------------------------------------------------------------------------------------
 # one adaptation run
 # ------------------------------------------------------------------------------------------------
-def adapt(cls, folder: Path, shots: torch.Tensor, seed: int, args, device: torch.device, on_eval=None):
-    """Train ``cls`` (default config, the benchmark's batch size) for ``args.steps`` steps on the
-    shots, as the CLI's worker loop does; return the method, the per-step timings and the means
-    of the last 50 steps' logged values. ``on_eval(method, step)`` is called every
-    ``args.eval_every`` steps before the last (outside the timed steps; sampling uses its own
-    generator, so it does not change the training)."""
-    torch.manual_seed(seed)
-    source = load_gan_source(folder, device)  # fresh: the methods train the source's g and d in place
-    cfg = cls.Config(batch_size=args.batch_size)
-    method = cls(cfg, source, device, seed=seed)
-    images = shots.to(device)
-    gen = torch.Generator(device=device).manual_seed(seed + 7)  # the CLI worker's batch stream
-    history: dict[str, list[float]] = {}
-    wall = cpu = 0.0
-    every = max(1, min(100, args.steps))
-    for step in range(args.steps):
-        clock = Clock()
-        out = method.train_step(random_batch(images, cfg.batch_size, gen, hflip=cfg.hflip))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        w, c = clock.elapsed()
-        wall, cpu = wall + w, cpu + c
-        for k, v in out.items():
-            history.setdefault(k, []).append(v)
-        if not all(math.isfinite(v) for v in out.values()):
-            raise FloatingPointError(f"{cls.key} seed {seed}: non-finite losses at step {step + 1}: {out}")
-        if (step + 1) % every == 0 or step + 1 == args.steps:
-            terms = "  ".join(f"{k} {np.mean(history[k][-every:]):.3f}"
-                              for k in ("d_loss", "g_adv", "g_cl", "g_cl_d", "d_cl", "real_score", "fake_score")
-                              if k in history)
-            log(f"    {cls.key} seed {seed} step {step + 1}/{args.steps}  {terms}  {wall / (step + 1):.3f} s/step")
-        if on_eval is not None and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            on_eval(method, step + 1)
-    last = {k: float(np.mean(v[-50:])) for k, v in history.items()}
-    return method, {"s_per_step": wall / args.steps, "cpu_s_per_step": cpu / args.steps}, last
+def adapt(method: str, folder: Path, source: ArtifactRef, encoder: ArtifactRef, draw: int, seed: int,
+          metrics: list[str], eval_keys: tuple[str, ...], args, storage: str,
+          device: torch.device) -> tuple[LoopResult, Job, Progress]:
+    """``method`` (default config, the benchmark's batch size) for ``args.steps`` steps on the shot
+    draw ``draw`` of the built-in task, from the source at ``folder`` (published as ``source``):
+    resolve -> prepare -> make_job -> run_loop, evaluated every ``args.eval_every`` steps (before
+    the last) and at the end with the benchmark's protocol."""
+    eval_every = args.eval_every if 0 < args.eval_every < args.steps else 0
+    # reports at a divisor of eval_every: the loop evaluates at reports only
+    every = math.gcd(eval_every, REPORT_EVERY) if eval_every else min(REPORT_EVERY, args.steps)
+    overrides: dict[str, Any] = {
+        "task.source.model": str(folder), "task.target.seed": draw, "batch_size": args.batch_size,
+        "run.steps": args.steps, "run.report_every": every, "run.eval_every": eval_every,
+        "run.eval_samples": args.samples, "run.seed": seed, "run.metrics": metrics,
+        "run.cpus_per_worker": float(args.threads), "run.use_gpu": device.type == "cuda",
+    }
+    cfg = resolve(method, f"synthetic:{args.domain}", overrides=overrides)
+    inputs = prepare(cfg, storage=storage, source=ResolvedSource(source, None, folder), encoder=encoder)
+    job = make_job(cfg, inputs, name=f"{method}-seed{seed}", storage=storage, checkpoint_at=[])
+    progress = Progress(f"    {method} seed {seed} step", args.steps, TERMS, REPORT_EVERY, eval_every, eval_keys)
+    result = run_loop(job, StoreSession(storage, job.name, device=device, on_report=progress))
+    return result, job, progress
 
 
-def sample_and_evaluate(method, reference, shots, extractors, cache, seed: int, n: int):
-    clock = Clock()
-    samples = method.sample(n, seed=seed + SAMPLE_SEED_OFFSET)
-    sample_wall, _ = clock.elapsed()
-    metrics = evaluate(samples, reference, shots, extractors, seed=seed,
-                       kid_subset_size=min(1000, n, len(reference)), cache=cache)
-    metrics["sample_s"] = sample_wall
-    return samples, metrics
+def run_row(final: dict[str, Any], metric_keys: set[str], steps: int, cpu_s_per_step: float) -> dict[str, Any]:
+    """A run's row from the loop's final report: its evaluation's metrics, the time per step, and
+    the training terms of its last report window as ``train_<term>``."""
+    row = {k: v for k, v in final.items() if k in metric_keys}
+    row.update(s_per_step=final["time_train_s"] / steps, cpu_s_per_step=cpu_s_per_step)
+    row.update({f"train_{k}": v for k, v in final.items()
+                if k not in metric_keys and k not in LOOP_KEYS and not k.startswith("time_")})
+    return row
+
+
+def same_images(ref: ArtifactRef, images: torch.Tensor, what: str) -> None:
+    """The loop's copy of an image set (published by ``prepare``) is this script's set."""
+    if not np.array_equal(load_array(ref), images.permute(0, 2, 3, 1).numpy()):
+        raise RuntimeError(f"the loop's {what} differ from this script's")
+
+
+def reload(job: Job, export: ArtifactRef, device: torch.device):
+    """The trained method around its export (the loop's class, config and precision), for sampling."""
+    cls = method_class(job)
+    source = load_source_model(job.family, str(fetch(export)), device)
+    return cls(cls.Config.model_validate(job.method_config), source, device, seed=job.run.seed,
+               perf=perf_for(job, device, cls))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -459,6 +546,9 @@ def main(argv=None) -> dict[str, Any]:
     spec = task.source.pretrain
     log(f"task {task.name}: source {folder} ({'cached' if is_ready(task, folder) else 'to pretrain'}), "
         f"device {device}, {args.threads} threads, load average {load_start[0]:.1f}")
+    # The loop's run storage and the artifacts it fetches: temporary (see node_cache).
+    work = tempfile.TemporaryDirectory(prefix=f"{NAME}-")
+    storage, scratch = str(Path(work.name) / "storage"), Path(work.name) / "node-cache"
 
     # 1. source model and domain encoder --------------------------------------------------------
     source_info: dict[str, Any] = {"path": str(folder), "cached": is_ready(task, folder),
@@ -466,7 +556,7 @@ def main(argv=None) -> dict[str, Any]:
     if not source_info["cached"]:
         log(f"pretraining the source StyleGAN2: preset {spec.preset}, {spec.steps} steps, "
             f"batch {spec.batch_size}, lr {spec.lr if spec.lr is not None else 'pretrainer default'}")
-        source_info["pretrain"] = pretrain(task, folder, device)
+        source_info["pretrain"] = pretrain(task, folder, storage, scratch, args.threads, device)
         phases["pretrain source"] = {"wall_s": source_info["pretrain"]["wall_s"],
                                      "cpu_s": source_info["pretrain"]["cpu_s"]}
     enc_path = encoder_path(task)
@@ -525,39 +615,44 @@ def main(argv=None) -> dict[str, Any]:
     log("    source: " + ", ".join(f"{k} {source_rows[0][k]:.4g}" for k, _ in columns)
         + " | real: " + ", ".join(f"{k} {real_rows[0][k]:.4g}" for k, _ in columns))
 
-    # 3. the comparison -------------------------------------------------------------------------
-    runs: dict[str, list[dict[str, float]]] = {cls.key: [] for cls in METHODS}
+    # 3. the comparison: every run through the one training loop -------------------------------
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in METHODS}
     grids: dict[str, torch.Tensor] = {}
-    train_wall = train_cpu = 0.0
-    clock_all = Clock()
-    for seed in args.seeds:
-        for cls in METHODS:
-            log(f"  {cls.key} seed {seed}: {args.steps} steps, batch {args.batch_size}")
-            trajectory: list[dict[str, float]] = []
-
-            def on_eval(method, step, seed=seed, trajectory=trajectory):
-                _, m = sample_and_evaluate(method, reference, shots_of[seed], extractors, cache, seed, args.samples)
-                trajectory.append({"step": step, **{k: m[k] for k, _ in columns}})
-                log(f"    {method.key} seed {seed} step {step}: "
-                    + ", ".join(f"{k} {m[k]:.4g}" for k, _ in columns))
-
-            method, timing, last = adapt(cls, folder, shots_of[seed], seed, args, device, on_eval)
-            train_wall += timing["s_per_step"] * args.steps
-            train_cpu += timing["cpu_s_per_step"] * args.steps
-            samples, metrics = sample_and_evaluate(method, reference, shots_of[seed], extractors, cache,
-                                                   seed, args.samples)
-            trajectory.append({"step": args.steps, **{k: metrics[k] for k, _ in columns}})
-            row = {**metrics, **timing, **{f"train_{k}": v for k, v in last.items()}, "seed": seed,
-                   "trajectory": trajectory}
-            runs[cls.key].append(row)
-            if seed == args.seeds[0]:
-                grids[cls.key] = samples[: args.grid]
-            log(f"    {cls.key} seed {seed}: " + ", ".join(f"{k} {row[k]:.4g}" for k, _ in columns if k in row)
-                + f", {timing['s_per_step']:.3f} s/step")
-            del method
-    w, c = clock_all.elapsed()
-    phases["adaptation (train)"] = {"wall_s": train_wall, "cpu_s": train_cpu}
-    phases["adaptation (sample + evaluate)"] = {"wall_s": w - train_wall, "cpu_s": c - train_cpu}
+    loop_metrics = ["domain"] + (["lpips_vgg"] if len(extractors) > 1 else [])  # this script's networks
+    metric_keys = set(source_rows[0]) | LOOP_EVAL_KEYS
+    eval_keys = tuple(k for k, _ in columns)
+    loop_wall = loop_cpu = grid_wall = grid_cpu = 0.0
+    with node_cache(scratch):
+        source_ref, encoder_ref = publish(folder, storage), publish(enc_path, storage)
+        for seed in args.seeds:
+            draw = SHOT_DRAW_OFFSET + seed if args.vary_shots else t.seed
+            for key in METHODS:
+                log(f"  {key} seed {seed}: {args.steps} steps, batch {args.batch_size}")
+                clock = Clock()
+                result, job, prog = adapt(key, folder, source_ref, encoder_ref, draw, seed, loop_metrics,
+                                          eval_keys, args, storage, device)
+                w, c = clock.elapsed()
+                loop_wall, loop_cpu = loop_wall + w, loop_cpu + c
+                same_images(job.data, shots_of[seed], "shots")
+                if seed == args.seeds[0] and key == METHODS[0]:
+                    same_images(job.reference, reference, "reference images")
+                # the loop's evaluations: every --eval-every steps before the last, and the final one
+                trajectory = [{"step": int(r["step"]), **{k: r[k] for k in eval_keys}} for r in result.reports
+                              if prog.evaluated(int(r["step"]))]
+                row = {**run_row(result.metrics, metric_keys, args.steps, prog.cpu_s_per_step), "seed": seed,
+                       "trajectory": trajectory}
+                runs[key].append(row)
+                if seed == args.seeds[0]:  # the final evaluation's samples again, from the reloaded export
+                    clock = Clock()
+                    samples = reload(job, result.export, device).sample(args.samples, seed=seed + SAMPLE_SEED_OFFSET)
+                    grids[key] = samples[: args.grid]
+                    w, c = clock.elapsed()
+                    grid_wall, grid_cpu = grid_wall + w, grid_cpu + c
+                log(f"    {key} seed {seed}: " + ", ".join(f"{k} {row[k]:.4g}" for k, _ in columns if k in row)
+                    + f", {row['s_per_step']:.3f} s/step")
+    work.cleanup()
+    phases["adaptation (run_loop: train, evaluations, export)"] = {"wall_s": loop_wall, "cpu_s": loop_cpu}
+    phases["sample grids (reloaded exports)"] = {"wall_s": grid_wall, "cpu_s": grid_cpu}
 
     # 4. report ---------------------------------------------------------------------------------
     ft, dcl = runs["gan_finetune"], runs["dcl"]
@@ -598,6 +693,7 @@ def main(argv=None) -> dict[str, Any]:
     source_txt = ("cached" if source_info["cached"] else
                   f"pretrained by this run in {pre['wall_s'] / 60:.1f} min, {pre['s_per_step']:.3f} s/step")
     dcfg = DCL.Config()
+    default_lr = pretrainer(FAMILY, spec.pretrainer).Config().lr
     enc_txt = ("cached" if source_info["encoder_cached"] else
                f"trained by this run in {phases['train domain encoder']['wall_s'] / 60:.1f} min")
     progress = adaptation_progress(runs, source_rows, real_rows)
@@ -616,13 +712,15 @@ def main(argv=None) -> dict[str, Any]:
 The comparison of Zhao et al., "A Closer Look at Few-shot Image Generation" (CVPR 2022) in small:
 built-in task `synthetic:{args.domain}` with the project's own StyleGAN2 source ({spec.preset} preset,
 {task.resolution}², pretrained on `{spec.data}` ({spec.count} images): {spec.steps} steps, batch {spec.batch_size},
-lr {spec.lr if spec.lr is not None else f'pretrainer default ({GANPretrain.Config().lr})'}; {source_txt}: `{folder.name}`,
+lr {spec.lr if spec.lr is not None else f'pretrainer default ({default_lr})'}; {source_txt}: `{folder.name}`,
 the CLI's cache under `{cache_home()}`)
 adapted to {t.shots} shots of `{t.data}`. Shots: {shots_txt}.
 
 Both methods: default configs, **{args.steps} steps, batch {args.batch_size}**, Adam lr 0.002 betas (0, 0.99),
 lazy R1 γ 10, style mixing 0.9, G EMA (rosinality's 0.5^(32/10⁴)); `dcl` adds λ_G {dcfg.lambda_g}, λ_D {dcfg.lambda_d},
 τ {dcfg.temperature}, all layers (unverified choices: no official DCL loss code exists, see `trainers/gan/dcl.py`).
+Trained by the project's one loop, `{LOOP}`; the evaluations are the loop's (the final one and, with
+`--eval-every`, those on the way; the grids below are the final one's samples, drawn again from the reloaded exports).
 Seeds {', '.join(map(str, args.seeds))}. Evaluation: {args.samples} samples from G_ema (no truncation) against the
 task's reference set ({len(reference)} images of `{ref.data}`, draw {ref.seed}), features of the project's domain
 encoder (SimCLR on the source domain, {spec.encoder_steps} steps; {enc_txt}: `{enc_path.parent.name}`). `intra_dist_domain` is the Intra-LPIPS protocol
@@ -660,6 +758,10 @@ linear in FID between evaluations). More diversity iff mean(Δ) > 0 and mean(Δ)
 {phase_lines}
 | **total** | **{wall_total / 60:.1f}** | **{cpu_total / 60:.1f}** |
 
+s/step: the loop's training time (`time_train_s`) per step; CPU s/step: process CPU seconds per step over the
+loop's report windows that hold training steps only (n/a when a run had none: not the first, which holds the
+loop's setup, nor one that ends in an evaluation or the export).
+
 ## Samples (seed {s0}, first {min(args.grid, args.samples)})
 
 | shots | source | gan_finetune | dcl |
@@ -670,7 +772,7 @@ linear in FID between evaluations). More diversity iff mean(Δ) > 0 and mean(Δ)
     result = {
         "command": cmd, "date": started.isoformat(), "wall_s": wall_total, "cpu_s": cpu_total,
         "machine": machine, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "source": source_info, "phases": phases, "verdict": {"answer": answer, "sentence": sentence, **numbers},
+        "source": source_info, "phases": phases, "loop": LOOP, "verdict": {"answer": answer, "sentence": sentence, **numbers},
         "source_rows": source_rows, "real_rows": real_rows, "runs": runs, "ratios": ratios,
     }
     (args.out / f"{NAME}.json").write_text(json.dumps(result, indent=1))

@@ -55,19 +55,29 @@ def _mount_ns(pid: int) -> str | None:
         return None
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 class Node:
     def __init__(self, name: str, holder: subprocess.Popen):
         self.name, self.holder = name, holder
         self.ns = None
+        # ready once its mounts are in place: the holder's script ends by exec'ing `sleep`
+        # (a process entering the namespace earlier could start from the host's /tmp)
         deadline = time.time() + 10
-        while time.time() < deadline:
+        while time.time() < deadline and holder.poll() is None:
             ns = _mount_ns(holder.pid)
-            if ns and ns != _mount_ns(os.getpid()):
+            if ns and ns != _mount_ns(os.getpid()) and _cmdline(holder.pid).startswith(b"sleep"):
                 self.ns = ns
                 break
             time.sleep(0.05)
         if self.ns is None:
-            raise RuntimeError(f"node {name}: its mount namespace did not come up")
+            raise RuntimeError(f"node {name}: its mount namespace did not come up (see its holder log)")
 
     def pids(self) -> list[int]:
         out = []
@@ -140,11 +150,19 @@ class Cluster:
         return p
 
     def add_node(self, name: str) -> Node:
-        mounts = " && ".join(f"mount -t tmpfs tmpfs {d}" for d in
-                             ("/tmp", self.work / "runs", self.work / "mlartifacts"))
+        mounts = [f"mount -t tmpfs tmpfs {d}" for d in ("/tmp", self.work / "runs", self.work / "mlartifacts")]
+        # The code is what every node shares (``ray up`` syncs it): a checkout or venv under /tmp
+        # (a CI clone) stays visible through a bind mount of the original /tmp, taken before the
+        # node's private /tmp covers it.
+        stash = self.base / "tmp-stash" / name
+        stash.mkdir(parents=True)
+        under_tmp = {p for p in (REPO, Path(sys.prefix)) if Path("/tmp") in p.parents}
+        code = sorted(p for p in under_tmp if not any(q in p.parents for q in under_tmp))
+        keep = [f"mkdir -p {p} && mount --bind {stash / p.relative_to('/tmp')} {p}" for p in code]
+        script = " && ".join([f"mount --bind /tmp {stash}", *mounts, *keep] if code else mounts)
         holder = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "--", "bash", "-c",
-             f"{mounts} && mkdir -p /tmp/home /tmp/cache && exec sleep infinity"],
+             f"{script} && mkdir -p /tmp/home /tmp/cache && exec sleep infinity"],
             start_new_session=True, stdout=self._log(f"{name}-holder"), stderr=subprocess.STDOUT)
         self.nodes[name] = Node(name, holder)
         return self.nodes[name]
