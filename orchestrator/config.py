@@ -228,14 +228,14 @@ def builtin_task(domain: str, family: str = "ddpm") -> TaskConfig:
     """The embedded default tasks: ten shots of a synthetic target domain, the source model this
     repository ships for the synthetic source domain (a DDPM or a StyleGAN2, ``trainers/builtin``;
     where none is shipped, the project's own pretrained one), 1,000 reference images."""
-    from trainers.builtin import SOURCES
+    from trainers.builtin import shipped_source
     from trainers.data import TARGET_DOMAINS
 
     if domain not in TARGET_DOMAINS:
         raise ConfigError(f"unknown built-in task synthetic:{domain}; expected one of "
                           f"{', '.join('synthetic:' + d for d in TARGET_DOMAINS)}")
     source = SourceSpec(family=family, pretrain=GAN_PRETRAIN if family == "stylegan2" else PretrainSpec())
-    if (family, 32) in SOURCES:
+    if shipped_source(family, 32):
         source.model = "builtin"
     suffix = "" if family == "ddpm" else f"-{family}"
     return TaskConfig(name=f"synthetic-{domain}{suffix}", source=source,

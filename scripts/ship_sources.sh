@@ -10,4 +10,3 @@ $O pretrain-encoder --task tasks/sources/encoder-synthetic-32.yaml \
    --export trainers/builtin/encoder-synthetic-32.safetensors
 $O pretrain ddpm --task tasks/sources/ddpm-synthetic-32.yaml --export trainers/builtin/ddpm-synthetic-32
 $O pretrain stylegan2 --task tasks/sources/stylegan2-synthetic-32.yaml --export trainers/builtin/stylegan2-synthetic-32
-.venv/bin/python benchmarks/builtin_sources.py   # the grids and target rates in trainers/builtin/README.md

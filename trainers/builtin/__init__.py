@@ -1,8 +1,12 @@
-"""The small sources this repository ships for the built-in synthetic domains.
+"""The small models this repository ships for the built-in synthetic domains.
 
-Each folder here was trained by the project's own ``orchestrate pretrain`` (the exact commands are
-in ``README.md`` beside them) and is stored as safetensors: the embedded default adapts a source
-that has learned its domain, and neither the demo nor the built-in tasks pretrain anything.
+Each file here is trained by the project's own commands (``scripts/ship_sources.sh``, with the
+recipes in ``tasks/sources/``) and stored as safetensors: the domain encoder behind the
+``*_domain`` metrics and the classifier of the six synthetic domains behind
+``target_rate_domain``. The diffusion and StyleGAN2 sources go to the folders named in
+``SOURCES``; once such a folder exists, the built-in tasks and the demo adapt it (``source.model:
+builtin``) instead of pretraining a tiny source themselves. They are not shipped yet: a source
+whose samples show the synthetic domain's shapes takes hours on two CPU cores.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
-# (family, resolution) -> folder of the shipped source
-SOURCES: dict[tuple[str, int], str] = {}
+# (family, resolution) -> folder of the shipped source (used where it exists)
+SOURCES: dict[tuple[str, int], str] = {("ddpm", 32): "ddpm-synthetic-32", ("stylegan2", 32): "stylegan2-synthetic-32"}
 # resolution -> shipped domain encoder / domain classifier files of the synthetic domains
 ENCODERS: dict[int, str] = {32: "encoder-synthetic-32.safetensors"}
 CLASSIFIERS: dict[int, str] = {32: "classifier-synthetic-32.safetensors"}
@@ -25,10 +29,15 @@ def builtin_source(family: str, resolution: int, spec: str = "builtin") -> Path:
 
     name = spec.split(":", 1)[1] if ":" in spec else SOURCES.get((family, resolution))
     if name is None or not (HERE / name).exists():
-        have = ", ".join(f"{f} at {r}px" for f, r in sorted(SOURCES)) or "none yet"
+        have = ", ".join(f"{f} at {r}px" for f, r in sorted(SOURCES) if shipped_source(f, r)) or "none yet"
         raise SourceModelError(f"source.model {spec!r}: no built-in {family} source at {resolution}px "
                                f"(built-in sources: {have})")
     return HERE / name
+
+
+def shipped_source(family: str, resolution: int) -> bool:
+    name = SOURCES.get((family, resolution))
+    return name is not None and (HERE / name).is_dir()
 
 
 def builtin_encoder(task: Any) -> Path | None:
