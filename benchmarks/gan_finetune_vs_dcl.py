@@ -96,11 +96,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from orchestrator.artifacts import ArtifactRef, fetch, load_array, publish, publish_array  # noqa: E402
+from orchestrator.artifacts import ArtifactRef, fetch, publish, publish_array  # noqa: E402
 from orchestrator.config import PretrainSpec, RunSettings, TaskConfig, builtin_task, resolve  # noqa: E402
 from orchestrator.inputs import make_job, prepare  # noqa: E402
 from orchestrator.job import Job  # noqa: E402
-from orchestrator.loop import LoopResult, method_class, perf_for, run_loop  # noqa: E402
+from orchestrator.loop import LoopResult, run_loop  # noqa: E402
 from orchestrator.session import StoreSession  # noqa: E402
 from orchestrator.sources import ResolvedSource, cached_source_path, encoder_path, is_ready  # noqa: E402
 from orchestrator.storage import cache_home, data_cache_dir  # noqa: E402
@@ -110,7 +110,8 @@ from trainers.gan.gan_finetune import GANFinetune  # noqa: E402
 from trainers.gan.source import load_gan_source  # noqa: E402
 from trainers.metrics import MissingWeightsError, ReferenceStats, available_extractors, evaluate  # noqa: E402
 from trainers.metrics import train_domain_encoder  # noqa: E402
-from trainers.registry import load_source_model, pretrainer  # noqa: E402
+from trainers.registry import pretrainer  # noqa: E402
+from loop_runs import mean_std, reload, run_row, same_images  # noqa: E402  (benchmarks/)
 
 FAMILY = "stylegan2"
 METHODS = ("gan_finetune", "dcl")
@@ -123,7 +124,6 @@ REPORT_EVERY = 50  # adaptation runs: steps per log line; the loop reports every
 TERMS = ("d_loss", "g_adv", "g_cl", "g_cl_d", "d_cl", "real_score", "fake_score")  # logged training terms
 # What the loop's final report holds besides the evaluation's metrics and the training terms
 # (and its phase timings, time_<phase>_s).
-LOOP_KEYS = {"step", "steps_per_s", "images_per_s", "export", "trainable_parameters"}
 LOOP_EVAL_KEYS = {"target_rate_domain", "eval_seconds"}  # the loop's evaluation adds these to evaluate()'s
 LOOP = "orchestrator.loop.run_loop in this process (StoreSession)"  # the result's "loop": who trained
 
@@ -305,40 +305,9 @@ def adapt(method: str, folder: Path, source: ArtifactRef, encoder: ArtifactRef, 
     return result, job, progress
 
 
-def run_row(final: dict[str, Any], metric_keys: set[str], steps: int, cpu_s_per_step: float) -> dict[str, Any]:
-    """A run's row from the loop's final report: its evaluation's metrics, the time per step, and
-    the training terms of its last report window as ``train_<term>``."""
-    row = {k: v for k, v in final.items() if k in metric_keys}
-    row.update(s_per_step=final["time_train_s"] / steps, cpu_s_per_step=cpu_s_per_step)
-    row.update({f"train_{k}": v for k, v in final.items()
-                if k not in metric_keys and k not in LOOP_KEYS and not k.startswith("time_")})
-    return row
-
-
-def same_images(ref: ArtifactRef, images: torch.Tensor, what: str) -> None:
-    """The loop's copy of an image set (published by ``prepare``) is this script's set."""
-    if not np.array_equal(load_array(ref), images.permute(0, 2, 3, 1).numpy()):
-        raise RuntimeError(f"the loop's {what} differ from this script's")
-
-
-def reload(job: Job, export: ArtifactRef, device: torch.device):
-    """The trained method around its export (the loop's class, config and precision), for sampling."""
-    cls = method_class(job)
-    source = load_source_model(job.family, str(fetch(export)), device)
-    return cls(cls.Config.model_validate(job.method_config), source, device, seed=job.run.seed,
-               perf=perf_for(job, device, cls))
-
-
 # ------------------------------------------------------------------------------------------------
 # statistics, verdict, output
 # ------------------------------------------------------------------------------------------------
-def mean_std(values: list[float]) -> tuple[float, float]:
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
-
-
 def fmt(values: list[float], digits: int = 4) -> str:
     m, s = mean_std(values)
     if not math.isfinite(m):
