@@ -53,7 +53,6 @@ fid_domain(pa) / fid_domain(ft) ≤ 1 + FID_TOLERANCE (10 %).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import json
 import math
@@ -64,7 +63,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 # Before torch starts its OpenMP pool: idle threads sleep instead of spinning. On a CPU shared with
 # other jobs, spinning threads waiting for a descheduled sibling made a 2-thread step 4-15x slower
@@ -98,7 +97,7 @@ from trainers.diffusion.backbone import ddim_sample, load_source  # noqa: E402
 from trainers.metrics import MissingWeightsError, ReferenceStats, available_extractors, evaluate  # noqa: E402
 from trainers.perf import DevicePerf  # noqa: E402
 from trainers.registry import pretrainer  # noqa: E402
-from loop_runs import mean_std, reload, run_row, same_images  # noqa: E402  (benchmarks/)
+from loop_runs import mean_std, node_cache, reload, run_row, same_images  # noqa: E402  (benchmarks/)
 
 METHODS = ("ddpm_finetune", "ddpm_pa")
 FID_TOLERANCE = 0.10  # "similar quality": PA's FID at most 10 % above fine-tuning's (mean of per-seed ratios)
@@ -153,22 +152,6 @@ class Progress:
     @property
     def cpu_s_per_step(self) -> float:
         return self.cpu_s / self.cpu_steps if self.cpu_steps else float("nan")
-
-
-@contextlib.contextmanager
-def node_cache(path: Path) -> Iterator[None]:
-    """``ORCHESTRATE_CACHE`` at ``path`` meanwhile: what the loop publishes and fetches (data,
-    source copies, exports) stays in this run's temporary folder, out of the CLI's cache (the
-    source folder, encoder and decoded data this script shares with the CLI are located before)."""
-    saved = os.environ.get("ORCHESTRATE_CACHE")
-    os.environ["ORCHESTRATE_CACHE"] = str(path)
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("ORCHESTRATE_CACHE", None)
-        else:
-            os.environ["ORCHESTRATE_CACHE"] = saved
 
 
 # ------------------------------------------------------------------------------------------------

@@ -93,6 +93,7 @@ from trainers.diffusion.dual_output import split_output  # noqa: E402
 from trainers.metrics import DomainEncoder, ReferenceStats, evaluate, train_domain_encoder  # noqa: E402
 from trainers.metrics.domain_classifier import DomainClassifier  # noqa: E402
 from trainers.registry import get_method, pretrainer  # noqa: E402
+from loop_runs import mean_std  # noqa: E402  (benchmarks/)
 
 NAME = "dual_output_vs_ddpm"
 SAMPLE_SEED_OFFSET = 12345  # the loop's evaluation protocol: sampling noise seed = run seed + 12345
@@ -330,13 +331,6 @@ def save_png(images: torch.Tensor, path: Path, ncols: int = 8, scale: int = 2) -
 # ------------------------------------------------------------------------------------------------
 # statistics and verdict
 # ------------------------------------------------------------------------------------------------
-def mean_std(values: list[float]) -> tuple[float, float]:
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan"))
-
-
 def fmt(values: list[float], digits: int = 4) -> str:
     m, s = mean_std(values)
     if not math.isfinite(m):

@@ -76,7 +76,6 @@ a virtue either; the report says how far each method closed the source→target 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import json
 import math
@@ -87,7 +86,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,7 +110,7 @@ from trainers.gan.source import load_gan_source  # noqa: E402
 from trainers.metrics import MissingWeightsError, ReferenceStats, available_extractors, evaluate  # noqa: E402
 from trainers.metrics import train_domain_encoder  # noqa: E402
 from trainers.registry import pretrainer  # noqa: E402
-from loop_runs import mean_std, reload, run_row, same_images  # noqa: E402  (benchmarks/)
+from loop_runs import mean_std, node_cache, reload, run_row, same_images  # noqa: E402  (benchmarks/)
 
 FAMILY = "stylegan2"
 METHODS = ("gan_finetune", "dcl")
@@ -179,22 +178,6 @@ class Progress:
     @property
     def cpu_s_per_step(self) -> float:
         return self.cpu_s / self.cpu_steps if self.cpu_steps else float("nan")
-
-
-@contextlib.contextmanager
-def node_cache(path: Path) -> Iterator[None]:
-    """``ORCHESTRATE_CACHE`` at ``path`` meanwhile: what the loop publishes and fetches (data,
-    source copies, exports) stays in this run's temporary folder, out of the CLI's cache (the
-    source folder, encoder and decoded data this script shares with the CLI are located before)."""
-    saved = os.environ.get("ORCHESTRATE_CACHE")
-    os.environ["ORCHESTRATE_CACHE"] = str(path)
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("ORCHESTRATE_CACHE", None)
-        else:
-            os.environ["ORCHESTRATE_CACHE"] = saved
 
 
 # ------------------------------------------------------------------------------------------------

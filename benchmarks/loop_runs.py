@@ -4,8 +4,11 @@ images, reloading the trained method from its export, and the mean ± std over s
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+import os
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -49,3 +52,19 @@ def reload(job: Job, export: ArtifactRef, device: torch.device):
     source = load_source_model(job.family, str(fetch(export)), device)
     return cls(cls.Config.model_validate(job.method_config), source, device, seed=job.run.seed,
                perf=perf_for(job, device, cls))
+
+
+@contextlib.contextmanager
+def node_cache(path: Path) -> Iterator[None]:
+    """``ORCHESTRATE_CACHE`` at ``path`` meanwhile: what the loop publishes and fetches (data,
+    source copies, exports) stays in this run's temporary folder, out of the CLI's cache (the
+    source folder, encoder and decoded data a script shares with the CLI are located before)."""
+    saved = os.environ.get("ORCHESTRATE_CACHE")
+    os.environ["ORCHESTRATE_CACHE"] = str(path)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("ORCHESTRATE_CACHE", None)
+        else:
+            os.environ["ORCHESTRATE_CACHE"] = saved

@@ -105,6 +105,7 @@ from trainers.data import TARGET_DOMAINS, load_images, render  # noqa: E402
 from trainers.metrics import DomainEncoder, ReferenceStats, evaluate  # noqa: E402
 from trainers.metrics.domain_classifier import DomainClassifier  # noqa: E402
 from trainers.registry import pretrainer  # noqa: E402
+from loop_runs import mean_std  # noqa: E402  (benchmarks/)
 
 NAME = "self_guided_vs_unguided"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -372,13 +373,6 @@ def target_cluster_labels(method, images: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # statistics, verdict, report
 # ------------------------------------------------------------------------------------------------
-def mean_std(values: list[float]) -> tuple[float, float]:
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan"))
-
-
 def fmt(values: list[float], digits: int = 3) -> str:
     m, s = mean_std(values)
     if not math.isfinite(m):
