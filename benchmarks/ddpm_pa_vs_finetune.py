@@ -58,7 +58,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -97,7 +96,7 @@ from trainers.diffusion.backbone import ddim_sample, load_source  # noqa: E402
 from trainers.metrics import MissingWeightsError, ReferenceStats, available_extractors, evaluate  # noqa: E402
 from trainers.perf import DevicePerf  # noqa: E402
 from trainers.registry import pretrainer  # noqa: E402
-from loop_runs import mean_std, node_cache, reload, run_row, same_images  # noqa: E402  (benchmarks/)
+from loop_runs import install, log, mean_std, node_cache, reload, run_row, same_images  # noqa: E402  (benchmarks/)
 
 METHODS = ("ddpm_finetune", "ddpm_pa")
 FID_TOLERANCE = 0.10  # "similar quality": PA's FID at most 10 % above fine-tuning's (mean of per-seed ratios)
@@ -109,10 +108,6 @@ REPORT_EVERY = 50  # adaptation runs: steps per report of the loop (a log line; 
 # (and its phase timings, time_<phase>_s).
 LOOP_EVAL_KEYS = {"target_rate_domain", "eval_seconds"}  # the loop's evaluation adds these to evaluate()'s
 LOOP = "orchestrator.loop.run_loop in this process (StoreSession)"  # the result's "loop": who trained
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 class Clock:
@@ -199,24 +194,6 @@ def pretrain(task: TaskConfig, folder: Path, storage: str, scratch: Path, thread
     last = result.metrics
     return {"steps": spec.steps, "wall_s": wall, "cpu_s": cpu, "s_per_step": last["time_train_s"] / spec.steps,
             "final_loss": last["loss"]}
-
-
-def install(export: Path, task: TaskConfig, folder: Path) -> None:
-    """A copy of a pretraining export at ``folder`` (written beside it, then renamed into place);
-    when a CLI run finished the same spec meanwhile, theirs is kept."""
-    if is_ready(task, folder):
-        log(f"  {folder} appeared meanwhile; keeping it")
-        return
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(export, tmp)
-    try:
-        tmp.replace(folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not is_ready(task, folder):
-            raise
-        log(f"  {folder} appeared meanwhile; keeping it")
 
 
 # ------------------------------------------------------------------------------------------------

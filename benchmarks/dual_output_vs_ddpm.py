@@ -93,7 +93,7 @@ from trainers.diffusion.dual_output import split_output  # noqa: E402
 from trainers.metrics import DomainEncoder, ReferenceStats, evaluate, train_domain_encoder  # noqa: E402
 from trainers.metrics.domain_classifier import DomainClassifier  # noqa: E402
 from trainers.registry import get_method, pretrainer  # noqa: E402
-from loop_runs import mean_std  # noqa: E402  (benchmarks/)
+from loop_runs import log, mean_std  # noqa: E402  (benchmarks/)
 
 NAME = "dual_output_vs_ddpm"
 SAMPLE_SEED_OFFSET = 12345  # the loop's evaluation protocol: sampling noise seed = run seed + 12345
@@ -111,10 +111,6 @@ TARGET_METRICS = [("fid_domain", "↓"), ("kid_domain", "↓"), ("intra_dist_dom
                   ("coverage_domain", "↑"), ("density_domain", "↑"), ("target_rate_domain", "↑")]
 SOURCE_METRICS = [("fid_domain", "↓"), ("kid_domain", "↓"), ("coverage_domain", "↑"), ("density_domain", "↑")]
 PROFILE_T = (0, 10, 50, 100, 250, 500, 750, 900, 999)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 class Clock:

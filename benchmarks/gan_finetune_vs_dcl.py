@@ -81,7 +81,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -110,7 +109,7 @@ from trainers.gan.source import load_gan_source  # noqa: E402
 from trainers.metrics import MissingWeightsError, ReferenceStats, available_extractors, evaluate  # noqa: E402
 from trainers.metrics import train_domain_encoder  # noqa: E402
 from trainers.registry import pretrainer  # noqa: E402
-from loop_runs import mean_std, node_cache, reload, run_row, same_images  # noqa: E402  (benchmarks/)
+from loop_runs import install, log, mean_std, node_cache, reload, run_row, same_images  # noqa: E402  (benchmarks/)
 
 FAMILY = "stylegan2"
 METHODS = ("gan_finetune", "dcl")
@@ -125,10 +124,6 @@ TERMS = ("d_loss", "g_adv", "g_cl", "g_cl_d", "d_cl", "real_score", "fake_score"
 # (and its phase timings, time_<phase>_s).
 LOOP_EVAL_KEYS = {"target_rate_domain", "eval_seconds"}  # the loop's evaluation adds these to evaluate()'s
 LOOP = "orchestrator.loop.run_loop in this process (StoreSession)"  # the result's "loop": who trained
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 class Clock:
@@ -219,24 +214,6 @@ def pretrain(task: TaskConfig, folder: Path, storage: str, scratch: Path, thread
     last = result.metrics
     return {"steps": spec.steps, "wall_s": wall, "cpu_s": cpu, "s_per_step": last["time_train_s"] / spec.steps,
             **{f"final_{k}": last[k] for k in ("d_loss", "g_loss", "real_score", "fake_score") if k in last}}
-
-
-def install(export: Path, task: TaskConfig, folder: Path) -> None:
-    """A copy of a pretraining export at ``folder`` (written beside it, then renamed into place);
-    when a CLI run finished the same spec meanwhile, theirs is kept."""
-    if is_ready(task, folder):
-        log(f"  {folder} appeared meanwhile; keeping it")
-        return
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(export, tmp)
-    try:
-        tmp.replace(folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not is_ready(task, folder):
-            raise
-        log(f"  {folder} appeared meanwhile; keeping it")
 
 
 def ensure_encoder(task: TaskConfig, device: torch.device) -> Path:

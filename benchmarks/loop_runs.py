@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,6 +18,7 @@ import torch
 from orchestrator.artifacts import ArtifactRef, fetch, load_array
 from orchestrator.job import Job
 from orchestrator.loop import method_class, perf_for
+from orchestrator.sources import is_ready
 from trainers.registry import load_source_model
 
 # keys of a loop report that are neither metrics nor training terms
@@ -68,3 +71,25 @@ def node_cache(path: Path) -> Iterator[None]:
             os.environ.pop("ORCHESTRATE_CACHE", None)
         else:
             os.environ["ORCHESTRATE_CACHE"] = saved
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def install(export: Path, task: Any, folder: Path) -> None:
+    """A copy of a pretraining export at ``folder`` (written beside it, then renamed into place);
+    when a CLI run finished the same spec meanwhile, theirs is kept."""
+    if is_ready(task, folder):
+        log(f"  {folder} appeared meanwhile; keeping it")
+        return
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(export, tmp)
+    try:
+        tmp.replace(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_ready(task, folder):
+            raise
+        log(f"  {folder} appeared meanwhile; keeping it")

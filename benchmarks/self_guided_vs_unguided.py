@@ -105,7 +105,7 @@ from trainers.data import TARGET_DOMAINS, load_images, render  # noqa: E402
 from trainers.metrics import DomainEncoder, ReferenceStats, evaluate  # noqa: E402
 from trainers.metrics.domain_classifier import DomainClassifier  # noqa: E402
 from trainers.registry import pretrainer  # noqa: E402
-from loop_runs import mean_std  # noqa: E402  (benchmarks/)
+from loop_runs import log, mean_std  # noqa: E402  (benchmarks/)
 
 NAME = "self_guided_vs_unguided"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -125,10 +125,6 @@ GRID_PER_CLUSTER = 8  # samples per cluster row in the grids
 # gap between the target's own images and the unadapted source, per target): smaller ones are
 # called negligible even when the seeds agree on their sign.
 MIN_EFFECT = 0.02
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 class Clock:
