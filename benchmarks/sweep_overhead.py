@@ -13,7 +13,7 @@ the inputs, reference statistics) is reported apart. Where a trial's seconds go 
 loop's own phase timings (``time_<phase>_s``, logged to each child run); the rest of a trial's wall
 time (Tune scheduling, the trial process, MLflow run creation) is the "outside the loop" column.
 
-    python benchmarks/sweep_overhead.py [--trials 4] [--steps 100 300]
+    python benchmarks/sweep_overhead.py [--trials 4] [--steps 100 300] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -97,15 +97,27 @@ def sweep_trials(cfg, trials: int, concurrent: int, name: str) -> dict:
             "phases": phases, "outside_loop": trial_wall - sum(phases.values())}
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The sweep run of median per-trial time (its phases and setup stay together)."""
+    return sorted(runs, key=lambda r: r["per_trial"])[len(runs) // 2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--steps", type=int, nargs="*", default=[100, 300])
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="bare, 1-at-a-time and 2-at-a-time measured this many times in turn; medians reported "
+                         "(one round on 2 cores varies by ±10%%)")
+    ap.add_argument("--report-only", action="store_true", help="re-render the markdown from the JSON")
     args = ap.parse_args()
+    if args.report_only:
+        saved = json.loads((RESULTS / "sweep_overhead.json").read_text())
+        return report(saved["meta"], saved["rows"])
 
     rows = []
-    load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp:
+    load = LoadSampler()
+    with tempfile.TemporaryDirectory() as tmp, load:
         work = Path(tmp)
         os.environ["ORCHESTRATE_CACHE"] = str(work / "cache")
         os.chdir(work)
@@ -123,36 +135,94 @@ def main() -> None:
                 overrides.update({"run.steps": steps, "batch_size": 8, "ema_decay": 0.0})
                 cfg = resolve("ddpm_finetune", tiny_task(work, work / "source"), overrides=overrides)
                 encoder = domain_encoder_for(cfg.task)
-                torch.set_num_threads(1)  # what one trial process gets (1 CPU)
+                torch.set_num_threads(1)
                 bare_trial(cfg, work / "source", encoder, 0)  # warm caches and imports
-                bare = [bare_trial(cfg, work / "source", encoder, i) for i in range(args.trials)]
                 torch.set_num_threads(os.cpu_count() or 1)
-                row = {"steps": steps, "bare": statistics.mean(bare)}
-                for concurrent in (1, 2):
-                    row[f"sweep{concurrent}"] = sweep_trials(cfg, args.trials, concurrent, f"bench-{steps}-{concurrent}")
+                rounds = []
+                for k in range(args.rounds):
+                    torch.set_num_threads(1)  # what one trial process gets (1 CPU)
+                    bare = statistics.mean(bare_trial(cfg, work / "source", encoder, i) for i in range(args.trials))
+                    torch.set_num_threads(os.cpu_count() or 1)
+                    one = {"bare": bare}
+                    for concurrent in (1, 2):
+                        one[f"sweep{concurrent}"] = sweep_trials(cfg, args.trials, concurrent,
+                                                                 f"bench-{steps}-{concurrent}-{k}")
+                    rounds.append(one)
+                    print(json.dumps({"steps": steps, "round": k, "bare": bare,
+                                      **{f"ratio{c}": one[f"sweep{c}"]["per_trial"] / bare for c in (1, 2)}}),
+                          flush=True)
+                row = {"steps": steps, "bare": statistics.median(r["bare"] for r in rounds),
+                       "rounds": [{"bare": r["bare"], **{f"sweep{c}": r[f"sweep{c}"]["per_trial"] for c in (1, 2)}}
+                                  for r in rounds]}
+                for c in (1, 2):
+                    row[f"sweep{c}"] = _median_run([r[f"sweep{c}"] for r in rounds])
                 rows.append(row)
-                print(json.dumps(row, indent=1), flush=True)
         finally:
             shutdown(started)
 
     meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-            "date": time.strftime("%Y-%m-%d"), "trials": args.trials, "load_before": load_before,
-            "load_after": os.getloadavg()[0]}
+            "date": time.strftime("%Y-%m-%d"), "trials": args.trials, "rounds": args.rounds, **load.summary()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "sweep_overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"Sweep overhead: {args.trials} trials of ddpm_finetune per variant (16², tiny UNet, batch 8, "
-             f"64-sample final evaluation), {meta['cpus']} CPUs, torch {meta['torch']}, {meta['date']}; load "
-             f"average {meta['load_before']:.2f} before, {meta['load_after']:.2f} after.", "",
-             "| steps | variant | s / trial | overhead s / trial | ratio vs bare | sweep setup s (once) |",
-             "|---:|---|---:|---:|---:|---:|"]
+    report(meta, rows)
+
+
+class LoadSampler:
+    """The 1-minute load average before, during (every 5 s: mean and max) and after the run."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(5.0):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> "LoadSampler":
+        self.before = os.getloadavg()[0]
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.after = os.getloadavg()[0]
+
+    def summary(self) -> dict:
+        during = self.samples or [self.after]
+        return {"load_before": self.before, "load_after": self.after, "load_mean": statistics.mean(during),
+                "load_max": max(during)}
+
+
+def report(meta: dict, rows: list[dict]) -> None:
+    """The markdown table (results/sweep_overhead.md) from the measured rows."""
+    rounds = meta.get("rounds", 1)
+    load = (f"load average {meta['load_before']:.2f} before, {meta['load_after']:.2f} after"
+            + (f", {meta['load_mean']:.2f} mean and {meta['load_max']:.2f} max during the run (2.0 = both cores "
+               "busy; the benchmark itself is most of it)" if "load_mean" in meta else ""))
+    lines = [f"Sweep overhead: {meta['trials']} trials of ddpm_finetune per variant (16², tiny UNet, batch 8, "
+             f"64-sample final evaluation), {meta['cpus']} CPUs, torch {meta['torch']}, {meta['date']}; {load}. "
+             f"Each variant measured in {rounds} interleaved round(s): the overhead and the ratio are paired "
+             "per round (bare and sweep back to back), then the median over rounds.", "",
+             "| steps | variant | s / trial | overhead s / trial | ratio vs bare | ratio per round | "
+             "sweep setup s (once) |",
+             "|---:|---|---:|---:|---:|---|---:|"]
     for r in rows:
-        lines.append(f"| {r['steps']} | bare loop, one process, 1 thread | {r['bare']:.1f} | 0.0 | 1.00 | |")
+        lines.append(f"| {r['steps']} | bare loop, one process, 1 thread | {r['bare']:.1f} | 0.0 | 1.00 | | |")
         for c in (1, 2):
             s = r[f"sweep{c}"]
-            lines.append(f"| {r['steps']} | orchestrate sweep, {c} at a time | {s['per_trial']:.1f} | "
-                         f"{s['per_trial'] - r['bare']:+.1f} | {s['per_trial'] / r['bare']:.2f} | {s['setup']:.1f} |")
-    lines += ["", "Where a sweep trial's seconds go (one at a time; mean over its trials, from the loop's "
-              "`time_<phase>_s`):", "", "| steps | " + " | ".join(PHASES) + " | outside the loop | trial wall |",
+            # paired per round (bare and sweep measured back to back), then the median over rounds
+            rounds_ = r.get("rounds") or [{"bare": r["bare"], f"sweep{c}": s["per_trial"]}]
+            ratios = [x[f"sweep{c}"] / x["bare"] for x in rounds_]
+            extra = statistics.median(x[f"sweep{c}"] - x["bare"] for x in rounds_)
+            per_trial = statistics.median(x[f"sweep{c}"] for x in rounds_)
+            lines.append(f"| {r['steps']} | orchestrate sweep, {c} at a time | {per_trial:.1f} | "
+                         f"{extra:+.1f} | {statistics.median(ratios):.2f} | "
+                         f"{', '.join(f'{x:.2f}' for x in ratios)} | {s['setup']:.1f} |")
+    lines += ["", "Where a sweep trial's seconds go (one at a time, the median round; mean over its trials, from the "
+              "loop's `time_<phase>_s`):", "", "| steps | " + " | ".join(PHASES) + " | outside the loop | trial wall |",
               "|---:|" + "---:|" * (len(PHASES) + 2)]
     for r in rows:
         s = r["sweep1"]

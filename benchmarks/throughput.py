@@ -9,8 +9,9 @@ process on the same device:
   length) — the ratio method/plain is what the method's own terms cost (a frozen source forward
   for DDPM-PA and DCL, 4B extra fakes for LFS-GAN's mode-seeking term, ...).
 
-Images per second over ``--steps`` timed steps after ``--warmup`` steps, median of ``--repeats``
-interleaved rounds. Tiny models (16², the ``tiny`` presets) on the CPU by default; on a GPU the
+Images per second over ``--steps`` timed steps after as many warm-up steps (the loop times its
+second report window; the bare and plain loops warm up as long), median of ``--repeats``
+interleaved rounds, ratios paired within a round. Tiny models (16², the ``tiny`` presets) on the CPU by default; on a GPU the
 ``--preset``/``--resolution`` flags size it up. Writes ``benchmarks/results/throughput_<device>.md``
 and ``.json`` with the device, versions and date.
 
@@ -155,7 +156,7 @@ def plain(family: str, sources, device: torch.device, images, bs: int, warmup: i
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step()
-    float(loss)
+    float(loss.detach())
     return steps * bs / (time.perf_counter() - t0)
 
 
@@ -171,8 +172,9 @@ def _sync(device: torch.device) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="*", default=sorted(METHODS))
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=80,
+                    help="timed steps per measurement, after as many warm-up steps (the loop times its second "
+                         "report window, so the bare and plain loops warm up as long)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--resolution", type=int, default=16)
     ap.add_argument("--preset", default="tiny")
@@ -198,37 +200,48 @@ def main() -> None:
         rows = []
         for method in args.methods:
             family = "stylegan2" if method in GAN else "ddpm"
-            runs = {"bare": [], "loop": [], "plain": []}
+            runs = {"bare": [], "loop": [], "plain": [], "bare_again": []}
             for _ in range(args.repeats):  # interleaved, so that drifts of the machine hit all three
                 job = make_job(method, sources, storage, images, args.steps, device, encoder)
                 bs = job.method_config["batch_size"]
-                runs["bare"].append(bare(job, device, args.warmup, args.steps))
-                runs["loop"].append(in_loop(job, device, args.warmup, args.steps))
-                runs["plain"].append(plain(family, sources, device, images, bs, args.warmup, args.steps))
+                runs["bare"].append(bare(job, device, args.steps, args.steps))
+                runs["loop"].append(in_loop(job, device, args.steps, args.steps))
+                runs["plain"].append(plain(family, sources, device, images, bs, args.steps, args.steps))
+                # the same bare loop again: its ratio to the first is the noise floor of this machine
+                runs["bare_again"].append(bare(job, device, args.steps, args.steps))
             med = {k: statistics.median(v) for k, v in runs.items()}
+            # ratios paired within a round (measured back to back), then the median over rounds
+            loop_vs_bare = statistics.median(l / b for l, b in zip(runs["loop"], runs["bare"]))
+            method_vs_plain = statistics.median(b / p for b, p in zip(runs["bare"], runs["plain"]))
             rows.append({"method": method, "batch": bs, **{f"{k}_images_per_s": v for k, v in med.items()},
-                         "loop_vs_bare": med["loop"] / med["bare"], "method_vs_plain": med["bare"] / med["plain"],
+                         "loop_vs_bare": loop_vs_bare, "method_vs_plain": method_vs_plain,
+                         "loop_vs_bare_rounds": [l / b for l, b in zip(runs["loop"], runs["bare"])],
+                         "bare_again_vs_bare_rounds": [a / b for a, b in zip(runs["bare_again"], runs["bare"])],
                          "spread": {k: [min(v), max(v)] for k, v in runs.items()}})
             print(f"{method:14s} plain {med['plain']:8.1f}  bare {med['bare']:8.1f}  loop {med['loop']:8.1f} img/s  "
-                  f"loop/bare {med['loop'] / med['bare']:.3f}  method/plain {med['bare'] / med['plain']:.3f}", flush=True)
+                  f"loop/bare {loop_vs_bare:.3f}  method/plain {method_vs_plain:.3f}", flush=True)
 
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
             f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads of {os.cpu_count()})",
             "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-            "resolution": args.resolution, "preset": args.preset, "steps": args.steps, "warmup": args.warmup,
+            "resolution": args.resolution, "preset": args.preset, "steps": args.steps, "warmup": args.steps,
             "repeats": args.repeats, "load_before": os.getloadavg()[0]}
     RESULTS.mkdir(exist_ok=True)
     name = f"throughput_{device.type}"
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# Training-step throughput ({meta['device']}, torch {meta['torch']}, {meta['date']})", "",
-             f"{args.preset} presets at {args.resolution}², {args.steps} timed steps after {args.warmup} warm-up "
-             f"steps, median of {args.repeats} interleaved rounds; load average before the run "
+             f"{args.preset} presets at {args.resolution}², {args.steps} timed steps after {args.steps} warm-up "
+             f"steps, median of {args.repeats} interleaved rounds (ratios paired within a round); load average "
+             f"before the run "
              f"{meta['load_before']:.2f}. images/s (higher is better).", "",
              "| method | batch | plain loop of the network | method, bare loop | method, in the one loop | "
-             "loop / bare | method / plain |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "loop / bare | loop / bare per round | bare again / bare per round (noise) | method / plain |",
+             "|---|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['batch']} | {r['plain_images_per_s']:.1f} | {r['bare_images_per_s']:.1f} | "
-                     f"{r['loop_images_per_s']:.1f} | {r['loop_vs_bare']:.3f} | {r['method_vs_plain']:.3f} |")
+                     f"{r['loop_images_per_s']:.1f} | {r['loop_vs_bare']:.3f} | "
+                     f"{', '.join(f'{x:.3f}' for x in r['loop_vs_bare_rounds'])} | "
+                     f"{', '.join(f'{x:.3f}' for x in r['bare_again_vs_bare_rounds'])} | {r['method_vs_plain']:.3f} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
