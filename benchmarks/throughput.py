@@ -183,6 +183,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    load_before = os.getloadavg()[0]
 
     from trainers.data import render
     from trainers.metrics import train_domain_encoder
@@ -225,15 +226,15 @@ def main() -> None:
             f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads of {os.cpu_count()})",
             "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
             "resolution": args.resolution, "preset": args.preset, "steps": args.steps, "warmup": args.steps,
-            "repeats": args.repeats, "load_before": os.getloadavg()[0]}
+            "repeats": args.repeats, "load_before": load_before, "load_after": os.getloadavg()[0]}
     RESULTS.mkdir(exist_ok=True)
     name = f"throughput_{device.type}"
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# Training-step throughput ({meta['device']}, torch {meta['torch']}, {meta['date']})", "",
              f"{args.preset} presets at {args.resolution}², {args.steps} timed steps after {args.steps} warm-up "
              f"steps, median of {args.repeats} interleaved rounds (ratios paired within a round); load average "
-             f"before the run "
-             f"{meta['load_before']:.2f}. images/s (higher is better).", "",
+             f"{meta['load_before']:.2f} before the run, {meta['load_after']:.2f} after. images/s (higher is better).",
+             "",
              "| method | batch | plain loop of the network | method, bare loop | method, in the one loop | "
              "loop / bare | loop / bare per round | bare again / bare per round (noise) | method / plain |",
              "|---|---:|---:|---:|---:|---:|---|---|---:|"]
