@@ -646,10 +646,16 @@ def _guard(fn):
 
 
 def _root_cause(exc: BaseException) -> BaseException:
+    """The first error in a chain; through Ray Train's ``WorkerGroupError`` (its public
+    ``worker_failures``: rank -> exception) to the lowest failed rank's own error, so that a user
+    error raised in a worker (a bad checkpoint, a source that does not load) reads as itself."""
     seen = set()
     while id(exc) not in seen:
         seen.add(id(exc))
+        failures = getattr(exc, "worker_failures", None)
         nxt = exc.__cause__ or exc.__context__
+        if isinstance(failures, dict) and failures:
+            nxt = failures[min(failures)]
         if nxt is None:
             break
         exc = nxt

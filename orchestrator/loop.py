@@ -33,6 +33,7 @@ import torch
 
 from orchestrator import tracking
 from orchestrator.artifacts import ArtifactRef, fetch, load_array, publish
+from orchestrator.config import ConfigError
 from orchestrator.job import Job
 from orchestrator.rng import capture, load_state, restore, seed_everything
 from orchestrator.session import Session
@@ -40,6 +41,24 @@ from orchestrator.storage import cache_home
 
 STATE_FILE = "state.pt"
 TAG_LOGGED = "orchestrate.logged_step"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that the loop cannot resume from (a file missing: written by an older layout,
+    or copied only in part). Raised before anything is trained, so nothing recorded is touched."""
+
+
+def _checkpoint_file(folder: Path, name: str, origin: str | None) -> Path:
+    """``folder/name`` of a checkpoint copied to ``folder`` from ``origin`` (named in the error)."""
+    path = folder / name
+    if not path.is_file():
+        present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise CheckpointError(
+            f"checkpoint {origin or folder}: no {name} (found: {', '.join(present) or 'nothing'}); a checkpoint of this "
+            f"version holds {STATE_FILE} and one rng_rank<N>.pt per rank. It was written by another version "
+            "of the tool or copied only in part: delete that checkpoint folder to resume from the one before "
+            "it, or start the run again (--restart)")
+    return path
 
 
 @dataclass
@@ -305,8 +324,11 @@ def run_loop(job: Job, session: Session) -> LoopResult:
     start = 0
     with phases("restore"), session.latest_checkpoint() as folder:
         if folder is not None:
-            method.load_state_dict(load_state(folder / STATE_FILE)["method"])
-            restore(load_state(folder / f"rng_rank{rank}.pt"), method, batch_gen)
+            origin = session.checkpoint_origin
+            state_file = _checkpoint_file(folder, STATE_FILE, origin)
+            rng_file = _checkpoint_file(folder, f"rng_rank{rank}.pt", origin)
+            method.load_state_dict(load_state(state_file)["method"])
+            restore(load_state(rng_file), method, batch_gen)
             start = int(method.step)
     with phases("prepare"):
         encoder_path = fetch(job.domain_encoder) if job.domain_encoder is not None else None

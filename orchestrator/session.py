@@ -33,6 +33,8 @@ COMPLETE = "COMPLETE"
 class Session:
     rank: int = 0
     world_size: int = 1
+    #: where the checkpoint that ``latest_checkpoint`` yields lives (its URL or path), for messages
+    checkpoint_origin: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -52,11 +54,12 @@ class Session:
 
 
 @contextlib.contextmanager
-def _local_copy(checkpoint) -> Iterator[Path | None]:
+def _local_copy(session: Session, checkpoint) -> Iterator[Path | None]:
     """A Ray (Train or Tune) checkpoint as a local folder, or None."""
     if checkpoint is None:
         yield None
         return
+    session.checkpoint_origin = str(checkpoint.path)
     with checkpoint.as_directory() as d:
         yield Path(d)
 
@@ -87,7 +90,7 @@ class TrainSession(Session):
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         import ray.train
 
-        return _local_copy(ray.train.get_checkpoint())
+        return _local_copy(self, ray.train.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         import ray.train
@@ -115,7 +118,7 @@ class TuneSession(Session):
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         from ray import tune
 
-        return _local_copy(tune.get_checkpoint())
+        return _local_copy(self, tune.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         from ray import tune
@@ -163,6 +166,7 @@ class StoreSession(Session):
         fs, root = filesystem(self.uri)
         with tempfile.TemporaryDirectory() as tmp:
             src = join(root, found[-1])
+            self.checkpoint_origin = src
             for path in fs.ls(src, detail=False):
                 name = path.rstrip("/").rsplit("/", 1)[-1]
                 if name != COMPLETE:

@@ -41,10 +41,19 @@ class ResolvedSource:
         return self.hub_id or (self.ref.short() if self.ref else "?")
 
 
+# Fields of the pretrain block that only the domain encoder reads (see ``encoder_path``).
+ENCODER_ONLY = frozenset({"encoder_steps", "encoder_data"})
+
+
 def pretrain_key(task: TaskConfig) -> str:
+    """The cache and run name of a task's own source model: a hash of what decides the generator's
+    training. Not the encoder's fields (a new encoder setting must not retrain the source), and
+    not optional fields left unset (None, empty): a field added later that is unset by default
+    keeps every existing key, so sources (and half-finished pretraining runs) stay found."""
     spec, family = task.source.pretrain, task.source.family
-    blob = json.dumps({"family": family, "resolution": task.resolution, **spec.model_dump(mode="json")},
-                      sort_keys=True)
+    fields = {k: v for k, v in spec.model_dump(mode="json").items()
+              if k not in ENCODER_ONLY and v not in (None, [], {})}
+    blob = json.dumps({"family": family, "resolution": task.resolution, **fields}, sort_keys=True)
     return f"{family}-{task.resolution}px-{spec.preset}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 

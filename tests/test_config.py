@@ -121,3 +121,21 @@ def test_shipped_sketch_task_is_the_builtin_default():
     from orchestrator.config import builtin_task
 
     assert load_task(REPO / "tasks" / "synthetic-sketch.yaml") == builtin_task("sketch")
+
+
+def test_source_cache_key_follows_the_generators_training_only():
+    """The pretrained source's cache key changes with what trains the generator, not with the domain
+    encoder's settings, and not when an optional field is spelled out at its unset value."""
+    from orchestrator.config import TaskConfig
+    from orchestrator.sources import pretrain_key
+
+    def key(**pretrain):
+        return pretrain_key(TaskConfig.model_validate({"name": "k", "resolution": 32, "target": {"data": "synthetic:sketch"},
+                                                       "source": {"pretrain": pretrain}}))
+
+    base = key(steps=100)
+    assert key(steps=100, encoder_steps=7, encoder_data=["synthetic:night"]) == base
+    assert key(steps=100, pretrainer=None) == base
+    assert key(steps=200) != base
+    assert key(steps=100, lr=3e-4) != base
+    assert key(steps=100, preset="small") != base

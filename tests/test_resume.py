@@ -141,3 +141,34 @@ def test_cuda_checkpoint_resumes(sources, method, tmp_path):
         m2, _ = build_method(job, torch.device(device), 0)
         m2.load_state_dict(state["method"])
         restore(state["rng"], m2, torch.Generator(device=device))
+
+
+def test_checkpoint_missing_a_file_is_refused_by_name(sources):
+    """A checkpoint without its RNG file (an older layout, or copied in part) stops the resume with
+    an error naming the folder and the file, before anything is trained."""
+    from orchestrator.loop import CheckpointError
+
+    job = _job(sources, "ddpm_finetune", "ddpm_finetune-partial")
+    _, s1 = _run(job, stop_after=15)  # checkpoint at 10
+    (folder,) = [Path(job.storage) / job.name / c for c in s1.checkpoints()]
+    (folder / "rng_rank0.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"no rng_rank0\.pt .*found: .*state\.pt") as info:
+        _run(_job(sources, "ddpm_finetune", "ddpm_finetune-partial"))
+    assert str(folder) in str(info.value)
+
+
+def test_cli_reports_a_worker_error_as_itself():
+    """Ray Train wraps a worker's exception in WorkerGroupError; the CLI reads the failed rank's own."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from orchestrator.cli import _root_cause
+    from orchestrator.loop import CheckpointError
+
+    inner = CheckpointError("checkpoint /x: no rng_rank0.pt")
+    try:
+        try:
+            raise WorkerGroupError("rank 1: ...", {1: inner, 3: RuntimeError("later rank")})
+        except WorkerGroupError as exc:
+            raise RuntimeError("fit failed") from exc
+    except RuntimeError as outer:
+        assert _root_cause(outer) is inner
