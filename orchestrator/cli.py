@@ -415,14 +415,13 @@ def pretrain(
     def checks():
         import os
 
-        from orchestrator.inputs import load_set
         from orchestrator.preflight import check_all
         from orchestrator.raycluster import check_resources, local_shape
+        from orchestrator.storage import data_cache_dir
+        from trainers.data import load_images
 
         uri, store = check_all(tracking_uri, storage)
         spec = t.source.pretrain
-        from trainers.data import load_images
-        from orchestrator.storage import data_cache_dir
 
         load_images(spec.data, t.resolution, count=spec.count, seed=spec.seed, cache_dir=data_cache_dir())
         if not (address or os.environ.get("RAY_ADDRESS")):

@@ -326,8 +326,7 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
     ``task``: on ``resume``, the task file given again (it restores redacted storage options)."""
     from ray import tune
 
-    from orchestrator.lifelong import SequenceConfig, experiment_name, prepare_sequence  # noqa: F811
-    from orchestrator.space import to_tune
+    from orchestrator.lifelong import SequenceConfig, experiment_name
 
     settings.validate()
     uri = tracking.resolve_tracking_uri(tracking_uri)
