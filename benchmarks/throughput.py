@@ -11,18 +11,23 @@ process on the same device:
 
 Images per second over ``--steps`` timed steps after as many warm-up steps (the loop times its
 second report window; the bare and plain loops warm up as long), median of ``--repeats``
-interleaved rounds, ratios paired within a round. Tiny models (16², the ``tiny`` presets) on the CPU by default; on a GPU the
-``--preset``/``--resolution`` flags size it up. Writes ``benchmarks/results/throughput_<device>.md``
-and ``.json`` with the device, versions and date.
+interleaved rounds, ratios paired within a round. Tiny models (16², the ``tiny`` presets) on the
+CPU by default; on a GPU the ``--preset``/``--resolution`` flags size it up. Writes
+``benchmarks/results/throughput_<device>.md`` and ``.json`` with the device, versions and date.
+On a shared machine, ``--clock cpu --threads 1`` times the same steps in this process's CPU
+seconds, which other processes do not disturb (``throughput_cpu_cpuclock.md``).
 
     python benchmarks/throughput.py                      # every method, CPU, tiny
     python benchmarks/throughput.py --methods ddpm_pa dcl --repeats 5
+    python benchmarks/throughput.py --clock cpu --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -59,6 +64,10 @@ def make_sources(root: Path, resolution: int, preset: str) -> dict[str, Path]:
     return {"ddpm": root / "ddpm", "stylegan2": root / "gan"}
 
 
+# How the timed steps are clocked (``--clock``): wall time, or this process's CPU time.
+CLOCK = {"now": time.perf_counter}
+
+
 def make_job(method: str, sources, storage: str, images, steps: int, device: torch.device, encoder) -> Job:
     family = "stylegan2" if method in GAN else "ddpm"
     cls = METHODS[method]
@@ -86,24 +95,45 @@ def bare(job: Job, device: torch.device, warmup: int, steps: int) -> float:
     for i in range(warmup + steps):
         if i == warmup:
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = CLOCK["now"]()
         if method.wants_index:
             x, idx = random_batch(images, bs, gen, return_index=True)
             out = method.train_step(x, index=idx)
         else:
             out = method.train_step(random_batch(images, bs, gen))
     float(out["loss"])  # the plain loop's own sync
-    return steps * bs / (time.perf_counter() - t0)
+    return steps * bs / (CLOCK["now"]() - t0)
 
 
 def in_loop(job: Job, device: torch.device, warmup: int, steps: int) -> float:
     """images/s of the loop's second report window: steps 1..N warm up, N+1..2N are timed (the
     loop excludes evaluation, grids and the export from its own rate)."""
     run = job.run.model_copy(update={"steps": 2 * steps, "report_every": steps})
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _loop_clock():
         session = StoreSession(tmp, job.name, device=device)
         run_loop(job.model_copy(update={"run": run, "storage": tmp, "checkpoint_at": []}), session)
     return session.reports[-1]["images_per_s"]
+
+
+@contextlib.contextmanager
+def _loop_clock():
+    """With ``--clock cpu``, the loop's own rate is timed in process CPU seconds too: the loop times
+    its report windows with ``time.perf_counter`` of its module, so that module's ``time`` is
+    swapped for the run (a benchmark-only substitution; the loop itself is unchanged)."""
+    if CLOCK["now"] is time.perf_counter:
+        yield
+        return
+    import types
+
+    import orchestrator.loop as loop_module
+
+    shim = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    shim.perf_counter = CLOCK["now"]
+    saved, loop_module.time = loop_module.time, shim
+    try:
+        yield
+    finally:
+        loop_module.time = saved
 
 
 def plain(family: str, sources, device: torch.device, images, bs: int, warmup: int, steps: int) -> float:
@@ -153,11 +183,11 @@ def plain(family: str, sources, device: torch.device, images, bs: int, warmup: i
     for _ in range(warmup):
         step()
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = CLOCK["now"]()
     for _ in range(steps):
         loss = step()
     float(loss.detach())
-    return steps * bs / (time.perf_counter() - t0)
+    return steps * bs / (CLOCK["now"]() - t0)
 
 
 def images_to_model(images, device):
@@ -180,7 +210,19 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: time in process CPU seconds (time.process_time), which other processes on a "
+                         "shared machine do not disturb; the CPU only, best with --threads 1")
+    ap.add_argument("--report-only", action="store_true", help="re-render the markdown from the JSON")
     args = ap.parse_args()
+    if args.report_only:
+        name = f"throughput_{args.device}" + ("_cpuclock" if args.clock == "cpu" else "")
+        saved = json.loads((RESULTS / f"{name}.json").read_text())
+        return report(saved["meta"], saved["rows"], name)
+    if args.clock == "cpu":
+        if args.device != "cpu":
+            ap.error("--clock cpu times CPU work; use it with --device cpu")
+        CLOCK["now"] = time.process_time
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load_before = os.getloadavg()[0]
@@ -226,14 +268,32 @@ def main() -> None:
             f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads of {os.cpu_count()})",
             "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
             "resolution": args.resolution, "preset": args.preset, "steps": args.steps, "warmup": args.steps,
-            "repeats": args.repeats, "load_before": load_before, "load_after": os.getloadavg()[0]}
+            "repeats": args.repeats, "clock": args.clock, "load_before": load_before, "load_after": os.getloadavg()[0]}
     RESULTS.mkdir(exist_ok=True)
-    name = f"throughput_{device.type}"
+    name = f"throughput_{device.type}" + ("_cpuclock" if args.clock == "cpu" else "")
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    report(meta, rows, name)
+
+
+def _geo(values: list[float]) -> tuple[float, float]:
+    """Geometric mean and its standard error (in log units)."""
+    logs = [math.log(v) for v in values]
+    se = statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else float("nan")
+    return math.exp(statistics.mean(logs)), se
+
+
+def report(meta: dict, rows: list[dict], name: str) -> None:
+    """``results/<name>.md`` from the measured rows."""
+    cpu = meta.get("clock") == "cpu"
+    load = (f"load average {meta['load_before']:.2f} before the run, {meta['load_after']:.2f} after"
+            if meta.get("load_before") is not None else
+            f"load average {meta.get('load_after', float('nan')):.2f} after the run (the load before was not recorded)")
     lines = [f"# Training-step throughput ({meta['device']}, torch {meta['torch']}, {meta['date']})", "",
-             f"{args.preset} presets at {args.resolution}², {args.steps} timed steps after {args.steps} warm-up "
-             f"steps, median of {args.repeats} interleaved rounds (ratios paired within a round); load average "
-             f"{meta['load_before']:.2f} before the run, {meta['load_after']:.2f} after. images/s (higher is better).",
+             f"{meta['preset']} presets at {meta['resolution']}², {meta['steps']} timed steps after {meta['warmup']} "
+             f"warm-up steps, median of {meta['repeats']} interleaved rounds (ratios paired within a round); {load}. "
+             "images/s (higher is better)"
+             + (", per second of this process's CPU time (time.process_time): the time other processes hold the "
+                "CPU is left out, though they still disturb the caches." if cpu else ", wall clock."),
              "",
              "| method | batch | plain loop of the network | method, bare loop | method, in the one loop | "
              "loop / bare | loop / bare per round | bare again / bare per round (noise) | method / plain |",
@@ -243,6 +303,11 @@ def main() -> None:
                      f"{r['loop_images_per_s']:.1f} | {r['loop_vs_bare']:.3f} | "
                      f"{', '.join(f'{x:.3f}' for x in r['loop_vs_bare_rounds'])} | "
                      f"{', '.join(f'{x:.3f}' for x in r['bare_again_vs_bare_rounds'])} | {r['method_vs_plain']:.3f} |")
+    loop, loop_se = _geo([x for r in rows for x in r["loop_vs_bare_rounds"]])
+    same, same_se = _geo([x for r in rows for x in r["bare_again_vs_bare_rounds"]])
+    lines += ["", f"Pooled over every method and round ({sum(len(r['loop_vs_bare_rounds']) for r in rows)} pairs), "
+              f"geometric means: loop / bare {loop:.3f} (± {loop_se:.3f} in log units), the same bare loop twice "
+              f"{same:.3f} (± {same_se:.3f})."]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
