@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -77,19 +77,26 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def install(export: Path, task: Any, folder: Path) -> None:
-    """A copy of a pretraining export at ``folder`` (written beside it, then renamed into place);
-    when a CLI run finished the same spec meanwhile, theirs is kept."""
-    if is_ready(task, folder):
-        log(f"  {folder} appeared meanwhile; keeping it")
-        return
+def copy_into_place(src: Path, folder: Path, ready: Callable[[], bool]) -> bool:
+    """Copy ``src`` to ``folder`` atomically (written beside it, then renamed into place); False
+    when ``ready()`` says another process (a CLI run, a concurrent script) put it there first."""
+    if ready():
+        return False
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(export, tmp)
+    shutil.copytree(src, tmp)
     try:
         tmp.replace(folder)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not is_ready(task, folder):
+        if not ready():
             raise
+        return False
+    return True
+
+
+def install(export: Path, task: Any, folder: Path) -> None:
+    """A copy of a pretraining export at ``folder``; when a CLI run finished the same spec
+    meanwhile, theirs is kept."""
+    if not copy_into_place(export, folder, lambda: is_ready(task, folder)):
         log(f"  {folder} appeared meanwhile; keeping it")

@@ -105,7 +105,7 @@ from trainers.data import TARGET_DOMAINS, load_images, render  # noqa: E402
 from trainers.metrics import DomainEncoder, ReferenceStats, evaluate  # noqa: E402
 from trainers.metrics.domain_classifier import DomainClassifier  # noqa: E402
 from trainers.registry import pretrainer  # noqa: E402
-from loop_runs import log, mean_std  # noqa: E402  (benchmarks/)
+from loop_runs import copy_into_place, log, mean_std  # noqa: E402  (benchmarks/)
 
 NAME = "self_guided_vs_unguided"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -193,24 +193,11 @@ def pretrain_source(args: argparse.Namespace, key: str | None, encoder: Path, wo
     result = run_loop(job, StoreSession(storage, job.name, device=device, keep=1, on_report=progress))
     if result.export is None:
         raise RuntimeError(f"pretraining {job.name} finished without an export")
-    enter_cache(fetch(result.export), folder)
+    copy_into_place(fetch(result.export), folder, folder.exists)
     remove_run_dir(storage, job.name)  # its checkpoints: the source is in the cache now
     losses = [r["loss"] for r in result.reports if "loss" in r]
     return {**info, "cached": False, **clock.elapsed(), "final_loss": losses[-1] if losses else None,
             "steps_per_s": float(np.mean([r["steps_per_s"] for r in result.reports])) if result.reports else None}
-
-
-def enter_cache(src: Path, folder: Path) -> None:
-    """Copy a fetched export to ``folder`` atomically (kept when someone else wrote it meanwhile)."""
-    if folder.exists():
-        return
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    try:
-        tmp.replace(folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------
