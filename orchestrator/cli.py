@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.config import DEFAULT_TASK, ConfigError
+from orchestrator.config import DEFAULT_TASK, ConfigError, TaskConfig
 
 # The objective of a sequence sweep and of `best --sequence` unless told otherwise: the average,
 # over the sequence's tasks, of each task's FID (domain encoder) after the last task is learned.
@@ -409,7 +409,7 @@ def pretrain(
     folder = cached_source_path(t)
     if is_ready(t, folder) and not force:
         console.print(f"Source model already cached: [bold]{folder}[/] (use --force to retrain)")
-        _copy_export(folder, export)
+        _copy_export(folder, export, t, task)
         return
 
     def checks():
@@ -433,16 +433,18 @@ def pretrain(
     if res is not None:
         _print_result(res, "pretraining")
     console.print(f"Source model: [bold]{folder}[/] (in the run storage: {ref.uri})")
-    _copy_export(folder, export)
+    _copy_export(folder, export, t, task)
 
 
-def _copy_export(folder: Path, export: Optional[Path]) -> None:
+def _copy_export(folder: Path, export: Optional[Path], task: TaskConfig, task_file: str) -> None:
     """A copy of the source outside the cache, weights as safetensors (a diffusers folder already
-    is; a StyleGAN2 checkpoint is rewritten as ``stylegan2.safetensors``)."""
+    is; a StyleGAN2 checkpoint is rewritten as ``stylegan2.safetensors``), with ``recipe.json``
+    (the pretraining key, block and command that made it)."""
     if export is None:
         return
     import shutil
 
+    from orchestrator.sources import write_recipe
     from trainers.gan.source import CHECKPOINT_NAME, load_gan_source, save_gan_source
 
     if export.exists():
@@ -452,6 +454,7 @@ def _copy_export(folder: Path, export: Optional[Path]) -> None:
         save_gan_source(export, src.g, src.g_ema, src.d, extra=src.extra, safetensors=True)
     else:
         shutil.copytree(folder, export)
+    write_recipe(task, export, task_file)
     console.print(f"Copied to [bold]{export}[/]")
 
 

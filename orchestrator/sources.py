@@ -57,6 +57,20 @@ def pretrain_key(task: TaskConfig) -> str:
     return f"{family}-{task.resolution}px-{spec.preset}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
+RECIPE_FILE = "recipe.json"
+
+
+def write_recipe(task: TaskConfig, folder: Path, task_file: str) -> dict:
+    """``recipe.json`` beside an exported source: the pretraining key and block that made it and
+    the command that makes it again, so a shipped or shared source says where it came from (and a
+    test can check that the recipe file in the repository still names these weights)."""
+    record = {"pretrain_key": pretrain_key(task), "family": task.source.family, "resolution": task.resolution,
+              "pretrain": task.source.pretrain.model_dump(mode="json"),
+              "command": f"orchestrate pretrain {task.source.family} --task {task_file} --export {folder}"}
+    (Path(folder) / RECIPE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
 def cached_source_path(task: TaskConfig) -> Path:
     return sources_dir() / pretrain_key(task)
 

@@ -1,8 +1,12 @@
 """End to end for the GAN family: `orchestrate pretrain stylegan2`, `train dcl`, `sweep dcl`."""
 
+import json
+
 import pytest
 
 from orchestrator import tracking
+from orchestrator.config import load_task
+from orchestrator.sources import pretrain_key
 from tests.tiny import GAN_SOURCE, cli, experiment_runs, write_tiny_task
 
 pytestmark = pytest.mark.slow
@@ -21,10 +25,17 @@ def test_dcl_train_and_sweep_end_to_end(ray_local, workspace):
     task = write_tiny_task(workspace, name="tiny-gan", source=GAN_SOURCE)
     res = cli("pretrain", "stylegan2", "--task", str(task), *URI)
     assert res.exit_code == 0, res.output
-    again = cli("pretrain", "stylegan2", "--task", str(task), *URI)
+    exported = workspace / "exported-gan"
+    again = cli("pretrain", "stylegan2", "--task", str(task), *URI, "--export", str(exported))
     assert "already cached" in again.output
+    # the export is safetensors with its recipe beside it, and adapts like the cached source
+    assert (exported / "stylegan2.safetensors").is_file()
+    recipe = json.loads((exported / "recipe.json").read_text())
+    assert recipe["pretrain_key"] == pretrain_key(load_task(task, family="stylegan2"))
+    assert recipe["command"].startswith("orchestrate pretrain stylegan2 --task ")
 
-    res = cli("train", "dcl", "--task", str(task), "--name", "dcl-run", *URI, *sets(GAN_RUN))
+    res = cli("train", "dcl", "--task", str(task), "--name", "dcl-run", *URI, *sets(GAN_RUN),
+              "--set", f"task.source.model={exported}")
     assert res.exit_code == 0, res.output
     uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
     c, runs = experiment_runs(uri, "dcl")
