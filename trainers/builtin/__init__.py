@@ -2,11 +2,12 @@
 
 Each file here is trained by the project's own commands (``scripts/ship_sources.sh``, with the
 recipes in ``tasks/sources/``) and stored as safetensors: the domain encoder behind the
-``*_domain`` metrics and the classifier of the six synthetic domains behind
-``target_rate_domain``. The diffusion and StyleGAN2 sources go to the folders named in
-``SOURCES``; once such a folder exists, the built-in tasks and the demo adapt it (``source.model:
-builtin``) instead of pretraining a tiny source themselves. They are not shipped yet: a source
-whose samples show the synthetic domain's shapes takes hours on two CPU cores.
+``*_domain`` metrics, the classifier of the six synthetic domains behind ``target_rate_domain``,
+and the source generators that the built-in tasks and the demo adapt (``source.model: builtin``),
+in the folders named in ``SOURCES``. Each source folder holds the ``recipe.json`` that made it
+(its pretraining key, block and command; the recipe is ``tasks/sources/<folder>.yaml``). Where a
+family's folder is not shipped, the built-in tasks pretrain a tiny source of that family
+themselves (cached after the first run).
 """
 
 from __future__ import annotations
