@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from orchestrator.config import builtin_task, load_task
 from orchestrator.sources import RECIPE_FILE, pretrain_key
-from trainers.builtin import HERE, SOURCES, builtin_classifier, builtin_source
+from trainers.builtin import HERE, SOURCES, builtin_classifier, builtin_source, sample_source
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET_BYTES = 25 * 2 ** 20
@@ -40,24 +39,6 @@ def test_shipped_source_is_what_its_recipe_makes(family, resolution, name):
     assert builtin_source(family, resolution) == HERE / name
 
 
-def _samples(family: str, folder: Path, n: int) -> torch.Tensor:
-    from trainers.common import to_uint8
-
-    if family == "ddpm":
-        from trainers.diffusion.backbone import ddim_sample, load_source
-
-        src = load_source(str(folder))
-        return ddim_sample(src.unet, src.scheduler, n, src.unet.config.sample_size, steps=50,
-                           device=torch.device("cpu"), seed=0)
-    from trainers.gan.source import load_gan_source
-
-    g = load_gan_source(folder).g_ema.eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        z = torch.randn(n, g.style_dim, generator=gen)
-        return to_uint8(g([z], noise=g.random_noise(n, gen))[0])
-
-
 @NOT_YET
 @pytest.mark.slow
 @pytest.mark.parametrize("family,resolution,name", SHIPPED)
@@ -65,7 +46,7 @@ def test_shipped_source_samples_are_its_domain(family, resolution, name):
     from trainers.metrics.domain_classifier import DomainClassifier
 
     classifier = DomainClassifier.load(builtin_classifier(resolution))
-    samples = _samples(family, HERE / name, SAMPLES)
+    samples = sample_source(family, HERE / name, SAMPLES)
     assert samples.shape == (SAMPLES, 3, resolution, resolution)
     rate = classifier.rate(samples, "source")
     assert rate >= 0.8, f"the classifier calls {rate:.2f} of {name}'s samples 'source'"

@@ -13,7 +13,10 @@ themselves (cached after the first run).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,3 +58,29 @@ def builtin_classifier(resolution: int) -> Path | None:
     """The shipped classifier of the six synthetic domains at ``resolution`` (None when not shipped)."""
     name = CLASSIFIERS.get(resolution)
     return HERE / name if name is not None and (HERE / name).exists() else None
+
+
+def sample_source(family: str, folder: Path, n: int, seed: int = 0, steps: int = 50) -> "torch.Tensor":
+    """``n`` uint8 samples [n,3,H,W] of a source folder as the methods draw them before adapting:
+    DDIM with ``steps`` steps from a DDPM, the EMA generator (no truncation) of a StyleGAN2."""
+    import torch
+
+    from trainers.common import to_uint8
+
+    if family == "ddpm":
+        from trainers.diffusion.backbone import ddim_sample, load_source
+
+        src = load_source(str(folder))
+        return ddim_sample(src.unet, src.scheduler, n, src.unet.config.sample_size, steps=steps,
+                           device=torch.device("cpu"), seed=seed)
+    from trainers.gan.source import load_gan_source
+
+    g = load_gan_source(folder).g_ema.eval()
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for start in range(0, n, 64):
+            b = min(64, n - start)
+            z = torch.randn(b, g.style_dim, generator=gen)
+            out.append(to_uint8(g([z], noise=g.random_noise(b, gen))[0]))
+    return torch.cat(out)
