@@ -64,9 +64,11 @@ def _print_result(res, what: str) -> None:
     table.add_row("checkpoints", res.run_dir)
     if res.export is not None:
         table.add_row("exported model", f"{res.export.uri} ({res.export.short()})")
-    for k in ("loss", "fid_domain", "intra_dist_domain", "target_rate_domain", "step"):
+    for k in ("loss", "fid_domain", "intra_dist_domain", "target_rate_domain"):
         if res.metrics and k in res.metrics:
             table.add_row(k, f"{res.metrics[k]:.4g}")
+    if res.metrics and "step" in res.metrics:
+        table.add_row("step", str(int(res.metrics["step"])))  # 24000, not 2.4e+04
     console.print(f"[bold green]{what} done.[/]")
     console.print(table)
     console.print(f"Browse: [bold]{ui_hint(res.tracking_uri, res.experiment_id, res.run_id)}[/]", soft_wrap=True)

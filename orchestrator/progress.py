@@ -53,7 +53,15 @@ class ProgressPrinter:
             return
         self._last = step
         m = run.data.metrics
-        shown = " ".join(f"{k} {m[k]:.4g}" for k in SHOWN if k in m)
+        shown = " ".join(f"{k} {m[k]:.4g}" for k in SHOWN if k in m and self._logged_at(k, step))
         rate = f" ({m['steps_per_s']:.2f} steps/s)" if "steps_per_s" in m else ""
         sys.stdout.write(f"[{self.name}] step {step}/{self.steps} {shown}{rate}\n")
         sys.stdout.flush()
+
+    def _logged_at(self, key: str, step: int) -> bool:
+        """Whether ``key`` was logged at this report: evaluations run every ``eval_every`` steps,
+        and a report between them must not repeat the last evaluation's numbers as if new."""
+        if key == "loss":
+            return True
+        history = tracking.client(self.uri).get_metric_history(self.run_id, key)
+        return bool(history) and max(h.step for h in history) == step
