@@ -65,7 +65,9 @@ def run_pair(args) -> dict:
     t0 = time.time()
     try:
         for method in PAIRS[args.pair]:
-            overrides = {"run.steps": args.steps, "run.report_every": args.steps // 4,
+            # One report, evaluated, at the end: the fronts are read off the final evaluation (FIFO, no
+            # early stopping), so periodic evaluations would only cost sampling time.
+            overrides = {"run.steps": args.steps, "run.report_every": args.steps,
                          "run.eval_samples": args.samples, "run.sample_every": args.steps}
             if args.sample_steps:
                 overrides["run.eval_sample_steps"] = args.sample_steps

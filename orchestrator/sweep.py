@@ -151,10 +151,13 @@ def _inputs_from(static: dict[str, Any]) -> Inputs:
     from orchestrator.artifacts import ArtifactRef
     from orchestrator.sources import ResolvedSource
 
-    refs = {k: ArtifactRef.model_validate(v) if v else None for k, v in static["inputs"].items() if k != "hub_id"}
+    plain = ("hub_id", "target_domain")  # strings, not artifact refs
+    refs = {k: ArtifactRef.model_validate(v) if v else None for k, v in static["inputs"].items() if k not in plain}
+    # .get: a sweep started before the classifier travelled with its trials resumes without it
     return Inputs(source=ResolvedSource(refs["source"], static["inputs"].get("hub_id"), None), data=refs["data"],
                   reference=refs["reference"], domain_encoder=refs["domain_encoder"],
-                  reference_stats=refs["reference_stats"])
+                  reference_stats=refs["reference_stats"], domain_classifier=refs.get("domain_classifier"),
+                  target_domain=static["inputs"].get("target_domain"))
 
 
 def _inputs_to(inputs: Inputs) -> dict[str, Any]:
@@ -163,7 +166,8 @@ def _inputs_to(inputs: Inputs) -> dict[str, Any]:
 
     return {"source": dump(inputs.source.ref), "hub_id": inputs.source.hub_id, "data": dump(inputs.data),
             "reference": dump(inputs.reference), "domain_encoder": dump(inputs.domain_encoder),
-            "reference_stats": dump(inputs.reference_stats)}
+            "reference_stats": dump(inputs.reference_stats), "domain_classifier": dump(inputs.domain_classifier),
+            "target_domain": inputs.target_domain}
 
 
 def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:

@@ -1,0 +1,38 @@
+"""A sweep hands its trials the inputs it published once (``orchestrator.sweep``): every field a
+trial's job reads must survive that hand-over, or trials silently lose a metric (a sweep's trials
+once had no ``target_rate_domain`` because the domain classifier was dropped here)."""
+
+import dataclasses
+import json
+
+from orchestrator.artifacts import ArtifactRef
+from orchestrator.inputs import Inputs
+from orchestrator.sources import ResolvedSource
+from orchestrator.sweep import _inputs_from, _inputs_to
+
+
+def ref(name: str) -> ArtifactRef:
+    return ArtifactRef(uri=f"runs/artifacts/{name}", digest=name * 8, name=name, is_file=True)
+
+
+def test_every_input_field_reaches_the_trials():
+    full = Inputs(source=ResolvedSource(ref("source"), None, None), data=ref("data"), reference=ref("ref"),
+                  domain_encoder=ref("encoder"), reference_stats=ref("stats"),
+                  domain_classifier=ref("classifier"), target_domain="sketch")
+    assert all(getattr(full, f.name) is not None for f in dataclasses.fields(Inputs))  # the test covers all
+    static = json.loads(json.dumps({"inputs": _inputs_to(full)}))  # what Tune's static config carries
+    back = _inputs_from(static)
+    for f in dataclasses.fields(Inputs):
+        if f.name != "source":
+            assert getattr(back, f.name) == getattr(full, f.name), f.name
+    assert back.source.ref == full.source.ref
+
+
+def test_a_sweep_saved_before_the_classifier_travelled_still_resumes():
+    full = Inputs(source=ResolvedSource(ref("source"), None, None), data=ref("data"), reference=None,
+                  domain_encoder=ref("encoder"))
+    static = {"inputs": _inputs_to(full)}
+    for key in ("domain_classifier", "target_domain"):
+        static["inputs"].pop(key)
+    back = _inputs_from(static)
+    assert back.domain_classifier is None and back.target_domain is None and back.data == full.data
