@@ -106,6 +106,56 @@ def run_pair(args) -> dict:
     return out
 
 
+REAL_SEED = 2  # "real target images": another draw of a built-in domain than the shots (0) and reference (1)
+
+
+def anchors(args) -> dict:
+    """Where adaptation starts and where it should end, measured with the trials' own protocol
+    (same sample count, sampling steps, seeds, reference set, shots and feature networks): the
+    source's samples before adaptation and, for a built-in target, real target images of another
+    draw. Without them a front cannot say whether its "diversity" is the target's or leftover
+    source content (diversity above the real target's own is not a virtue)."""
+    import torch
+
+    from orchestrator.config import resolve
+    from orchestrator.inputs import check_data, synthetic_domain
+    from orchestrator.loop import _classifier, _extractors
+    from orchestrator.sources import domain_encoder_for, locate_source
+    from trainers.builtin import builtin_classifier, sample_source
+    from trainers.data import render
+    from trainers.metrics import ReferenceStats, evaluate
+
+    method = PAIRS[args.pair][0]
+    cfg = resolve(method, task_file=args.task or f"synthetic:{args.domain}",
+                  overrides={"run.eval_samples": args.samples})
+    task, run = cfg.task, cfg.run
+    shots, reference = (torch.from_numpy(a).permute(0, 3, 1, 2).contiguous() if a is not None else None
+                        for a in check_data(task))
+    reference = reference if reference is not None else shots
+    extractors = _extractors(tuple(run.metrics), str(domain_encoder_for(task)), "cpu")
+    domain = synthetic_domain(task.target.data)
+    classifier = builtin_classifier(task.resolution) if domain is not None else None
+    cache = ReferenceStats()
+
+    def score(samples: torch.Tensor) -> dict:
+        m = evaluate(samples, reference, shots, extractors, seed=run.seed,
+                     kid_subset_size=min(1000, len(samples), len(reference)), cache=cache)
+        if classifier is not None:
+            m["target_rate_domain"] = _classifier(str(classifier), "cpu").rate(samples, domain)
+        return {k: float(v) for k, v in m.items()}
+
+    out = {}
+    path, _ = locate_source(task) if task.source.model != "pretrained" else (None, None)
+    if path is not None:
+        steps = run.eval_sample_steps or args.sample_steps or cfg.method_config.get("sample_steps") or 50
+        out["source (before adaptation)"] = score(sample_source(task.source.family, path, args.samples,
+                                                                seed=run.seed + 12345, steps=steps))
+    if domain is not None:
+        real = render(domain, args.samples, task.resolution, seed=REAL_SEED)
+        out["real target images (another draw)"] = score(torch.from_numpy(real).permute(0, 3, 1, 2).contiguous())
+    return out
+
+
 def matched_levels(data: dict, n: int = 4) -> list[float]:
     """FID levels spread over the range that both methods reach with finished trials."""
     per = []
@@ -149,6 +199,28 @@ def verdict(data: dict, levels: list[float]) -> tuple[str, list[dict]]:
     return text + " (a difference counts when it exceeds 5% of the larger value)", rows
 
 
+def above_target(data: dict, rows: list[dict]) -> str:
+    """The verdict's caveat: matched-level winners whose diversity exceeds the real target's own
+    are more diverse because they kept source content, not because they cover the target better."""
+    real = next((m for name, m in data.get("anchors", {}).items() if name.startswith("real")), None)
+    if real is None:
+        return ""
+    cells = {t["trial_id"]: (m, t) for r in rows for m, t in r.items() if m != "level" and t is not None}
+    level = real["intra_dist_domain"]
+    above = [t for _, t in cells.values() if t["intra_dist_domain"] > level]
+    below = [f"{m} {t['trial_id']} ({t['intra_dist_domain']:.4f})" for m, t in cells.values()
+             if t["intra_dist_domain"] < level]
+    if not above:
+        return ""
+    text = (f" Read with the anchors: {len(above)} of the {len(cells)} trials in the table are *more* diverse than "
+            f"real target images (intra_dist_domain {level:.4f}, fid_domain {real['fid_domain']:.4f}) while their "
+            f"FID is {min(t['fid_domain'] for t in above) / max(real['fid_domain'], 1e-12):.0f}× or more the real "
+            "images': that diversity is source content not yet adapted away")
+    if below:
+        text += "; less diverse than the target itself: " + ", ".join(below)
+    return text
+
+
 def plot(data: dict, path: Path) -> None:
     import matplotlib
 
@@ -163,6 +235,8 @@ def plot(data: dict, path: Path) -> None:
         front = sorted((t for t in pts if t["trial_id"] in m["front"]), key=lambda t: t["fid_domain"])
         ax.plot([t["fid_domain"] for t in front], [t["intra_dist_domain"] for t in front], "o-", c=f"C{i}",
                 label=f"{method} Pareto front")
+    for (name, m), marker in zip(data.get("anchors", {}).items(), ("s", "*")):
+        ax.scatter([m["fid_domain"]], [m["intra_dist_domain"]], c="k", marker=marker, s=70, label=name)
     ax.set_xlabel("fid_domain (lower is better)")
     ax.set_ylabel("intra_dist_domain (higher is more diverse)")
     ax.legend(fontsize=8)
@@ -183,7 +257,7 @@ def report(data: dict, pair: str) -> str:
              f"{meta['torch']}, {meta['date']}; wall time {meta['seconds'] / 60:.0f} min, load average after "
              f"{meta['load_after']:.1f}. A front from this few trials is coarse.", "",
              f"![Pareto fronts](pareto_{pair}.png)", "",
-             f"Verdict: {text}.", "",
+             f"Verdict: {text}.{above_target(data, rows)}", "",
              "| fid_domain ≤ | " + " | ".join(f"{m}: intra_dist (coverage, target rate)" for m in (a, b)) + " |",
              "|---:|---|---|"]
 
@@ -196,6 +270,14 @@ def report(data: dict, pair: str) -> str:
 
     for r in rows:
         lines.append(f"| {r['level']:.3f} | {cell(r[a])} | {cell(r[b])} |")
+    if data.get("anchors"):
+        lines += ["", "Anchors, measured with the trials' protocol (the target's own diversity is the level to "
+                  "reach, not to exceed; the source's is what an unadapted model keeps):", "",
+                  "| | fid_domain | intra_dist_domain | coverage | target rate |", "|---|---:|---:|---:|---:|"]
+        for name, m in data["anchors"].items():
+            g = lambda k: f"{m[k]:.4g}" if m.get(k) is not None else "–"  # noqa: E731
+            lines.append(f"| {name} | {g('fid_domain')} | {g('intra_dist_domain')} | {g('coverage_domain')} | "
+                         f"{g('target_rate_domain')} |")
     lines += ["", "Every trial (FINISHED unless said):", "", "| method | trial | fid_domain | intra_dist_domain | "
               "coverage | target rate | config |", "|---|---|---:|---:|---:|---:|---|"]
     for method, m in data["methods"].items():
@@ -239,7 +321,9 @@ def main() -> None:
         data = json.loads(js.read_text())
     else:
         data = run_pair(args)
-        js.write_text(json.dumps(data, indent=1, default=str))
+    if "anchors" not in data:  # also for a JSON written before anchors existed
+        data["anchors"] = anchors(argparse.Namespace(**data["settings"]))
+    js.write_text(json.dumps(data, indent=1, default=str))
     plot(data, out / f"pareto_{args.pair}.png")
     levels = matched_levels(data)
     _, rows = verdict(data, levels)
