@@ -432,8 +432,7 @@ def run_loop(job: Job, session: Session) -> LoopResult:
                 buffer.add(phases.metrics(), step + 1)
         with phases("mlflow"):
             if buffer is not None:
-                buffer.flush()
-                tracking.set_logged_step(uri, run_id, TAG_LOGGED, max(step + 1, logged_through))
+                buffer.flush(tags={TAG_LOGGED: str(max(step + 1, logged_through))})  # one request
         reports.append(report)
         with phases("checkpoint" if job.wants_checkpoint(step + 1) else "report"), \
                 tempfile.TemporaryDirectory() as tmp:

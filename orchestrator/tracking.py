@@ -143,12 +143,21 @@ class MetricBuffer:
         self._pending.extend(Metric(k, float(v), ts, step) for k, v in metrics.items()
                              if v is not None and np.isfinite(v))
 
-    def flush(self) -> None:
-        if not self._pending:
+    def flush(self, tags: dict[str, str] | None = None) -> None:
+        """Send the pending metrics; ``tags`` travel in the same ``log_batch`` request as the last
+        of them. A tag that records how far the metrics go (``orchestrate.logged_step``) is then
+        never behind them: were it set in a call of its own, a worker killed between the two calls
+        leaves metrics recorded that the tag does not cover, and its restart logs those steps twice."""
+        from mlflow.entities import RunTag
+
+        run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        if not self._pending and not run_tags:
             return
+        size = 1000 - len(run_tags)  # MLflow's limit: 1000 metrics, params and tags in one batch
+        chunks = [self._pending[i:i + size] for i in range(0, len(self._pending), size)] or [[]]
         c = client(self.tracking_uri)
-        for i in range(0, len(self._pending), 1000):
-            c.log_batch(self.run_id, metrics=self._pending[i:i + 1000])
+        for j, chunk in enumerate(chunks):
+            c.log_batch(self.run_id, metrics=chunk, tags=run_tags if j == len(chunks) - 1 else [])
         self._pending = []
 
 
@@ -200,10 +209,6 @@ def logged_step(tracking_uri: str, run_id: str, tag: str) -> int:
     """The last step whose metrics a run recorded (its ``tag``), -1 when none."""
     value = client(tracking_uri).get_run(run_id).data.tags.get(tag)
     return int(value) if value is not None else -1
-
-
-def set_logged_step(tracking_uri: str, run_id: str, tag: str, step: int) -> None:
-    client(tracking_uri).set_tag(run_id, tag, str(int(step)))
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
