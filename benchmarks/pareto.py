@@ -120,7 +120,7 @@ def anchors(args) -> dict:
     from orchestrator.config import resolve
     from orchestrator.inputs import check_data, synthetic_domain
     from orchestrator.loop import _classifier, _extractors
-    from orchestrator.sources import domain_encoder_for, locate_source
+    from orchestrator.sources import domain_encoder_for, locate_source, resolve_source
     from trainers.builtin import builtin_classifier, sample_source
     from trainers.data import render
     from trainers.metrics import ReferenceStats, evaluate
@@ -145,7 +145,11 @@ def anchors(args) -> dict:
         return {k: float(v) for k, v in m.items()}
 
     out = {}
-    path, _ = locate_source(task) if task.source.model != "pretrained" else (None, None)
+    if task.source.model == "pretrained":  # the sweeps' own source: found in the cache (pretrained if absent)
+        work = Path(args.work).resolve()
+        path = resolve_source(task, tracking_uri=f"sqlite:///{work / 'mlflow.db'}", storage=str(work / "runs")).local
+    else:
+        path, _ = locate_source(task)
     if path is not None:
         steps = run.eval_sample_steps or args.sample_steps or cfg.method_config.get("sample_steps") or 50
         out["source (before adaptation)"] = score(sample_source(task.source.family, path, args.samples,

@@ -32,10 +32,40 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports the harness hands to Ray and MLflow come from below the kernel's ephemeral range (and
+# above the nodes' worker-port ranges, 21000-23999). A port found free by binding port 0 and
+# released at once can be taken, before the process it was meant for binds it, by any process
+# that binds port 0 meanwhile (a starting Ray node binds several); CI once lost a worker node
+# that way: its runtime-env agent's port was answered by another node's HTTP server (404), the
+# agent could not bind, and the raylet exited. Nothing binds below the ephemeral range unasked.
+_PORT_FLOOR = 24000
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no other process is listening on, outside the ephemeral range, never handed out
+    twice in this process."""
+    high = max(_PORT_FLOOR + 100, _ephemeral_low())
+    start = _PORT_FLOOR + secrets.randbelow(high - _PORT_FLOOR)
+    for i in range(high - _PORT_FLOOR):
+        port = _PORT_FLOOR + (start - _PORT_FLOOR + i) % (high - _PORT_FLOOR)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # all interfaces: Ray binds the node's address, MLflow loopback
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_PORT_FLOOR}-{high - 1}")
 
 
 def can_isolate() -> str | None:

@@ -59,6 +59,13 @@ def ok(res, c: Cluster) -> None:
     assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n{c.tails(15)}"
 
 
+def all_nodes_alive(c: Cluster) -> None:
+    """A test that needs both workers fails at once, with the logs, when an earlier one lost a node
+    (instead of waiting out its timeouts on a one-worker cluster)."""
+    alive = c.alive_nodes()
+    assert alive == 3, f"{alive} of 3 Ray nodes alive before the test\n{c.tails(15)}"
+
+
 def runs_of(c: Cluster, experiment: str):
     client = tracking.client(c.tracking_uri)
     exp = client.get_experiment_by_name(experiment)
@@ -100,6 +107,7 @@ def test_train_on_a_worker_node(cluster):
 
 
 def test_sweep_runs_trials_on_both_worker_nodes(cluster):
+    all_nodes_alive(cluster)
     res = cluster.orchestrate("sweep", "ddpm_finetune", "--task", "tiny.yaml", "--num-samples", "2",
                               "--max-concurrent", "2", "--metric", "loss", "--scheduler", "fifo", "--name", "sw",
                               *sets(TINY_RUN + ["run.steps=40"]))
@@ -192,6 +200,7 @@ def test_killed_sweep_trial_is_retried_from_its_checkpoint(cluster):
 def test_reclaimed_worker_node_mid_sweep(cluster):
     """The last test: it loses a node. Both trials run (one per worker); w2 is SIGKILLed whole
     (raylet, workers, its private files); its trial is retried on w1 from its checkpoint in S3."""
+    all_nodes_alive(cluster)
     proc = cluster.orchestrate_bg("reclaim", "sweep", "ddpm_finetune", "--task", "tiny.yaml", "--num-samples", "2",
                                   "--max-concurrent", "2", "--metric", "loss", "--scheduler", "fifo",
                                   "--name", "rc", *sets(TINY_RUN + ["run.steps=200", "run.report_every=10",
