@@ -143,6 +143,8 @@ def test_dcl_layer_selection_and_terms():
     assert "d_cl" in out and "g_cl" not in out and "g_cl_d" not in out
     space = DCLConfig.search_space()
     assert {"lambda_g", "lambda_d", "temperature", "g_layers", "d_layers", "lr"} <= set(space)
+    # the baseline's training knobs, with the baseline's ranges: sweeps compare the two alike
+    assert {k: space[k] for k in GANFinetuneConfig.search_space()} == GANFinetuneConfig.search_space()
     for key, spec in space.items():  # every corner of the space is a valid config
         kind, values = next(iter(spec.items()))
         for v in values if kind == "choice" else values[:2]:

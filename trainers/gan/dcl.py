@@ -36,7 +36,9 @@ Choices (*unverified* where marked):
   keep source diversity).
 * Defaults λ_G = ``lambda_g`` = 2.0, λ_D = ``lambda_d`` = 0.5, τ = ``temperature`` = 0.07
   (*unverified*: the paper's values could not be read from the sources available here; 0.07 is
-  the usual InfoNCE temperature of MoCo/CUT). All three, the layers and lr are in the sweep space.
+  the usual InfoNCE temperature of MoCo/CUT). All three and the layers are in the sweep space,
+  beside the fine-tuning baseline's lr, R1, mixing and EMA (same ranges, so that sweeps compare
+  the two alike).
 * Layers (*unverified*, "multi-level features" in the paper): ``g_layers`` / ``d_layers`` take
   "all" (default), "early", "late" (first / second half of the feature list in forward order:
   coarse→fine for G, fine→coarse for D) or an explicit list of indices (negative allowed) into
@@ -104,8 +106,12 @@ class DCLConfig(GANFinetuneConfig):
 
     @classmethod
     def search_space(cls) -> dict[str, Any]:
+        # The baseline's knobs (lr, R1, mixing, EMA) with the baseline's ranges, then DCL's own: a
+        # sweep comparison of DCL with fine-tuning searches the shared training settings alike. Left
+        # out, DCL kept rosinality's EMA (0.998 per step: after 300 steps the sampled G_ema still
+        # holds 0.998^300 = 55% of the source weights) while fine-tuning could turn it off.
         return {
-            "lr": {"loguniform": [5e-4, 5e-3]},
+            **super().search_space(),
             "lambda_g": {"loguniform": [0.1, 10.0]},
             "lambda_d": {"loguniform": [0.05, 5.0]},
             "temperature": {"loguniform": [0.02, 1.0]},
