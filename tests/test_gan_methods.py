@@ -9,7 +9,7 @@ import torch
 
 from trainers.common import SourceModelError, random_batch
 from trainers.gan.dcl import DCL, DCLConfig, select_layers
-from trainers.gan.gan_finetune import GANFinetune, GANFinetuneConfig
+from trainers.gan.gan_finetune import ROSINALITY_EMA, GANFinetune, GANFinetuneConfig
 from trainers.gan.losses import d_r1_loss, info_nce, info_nce_in_batch
 from trainers.gan.pretrain import GANPretrain, GANPretrainConfig
 from trainers.gan.source import GANSource, load_gan_source
@@ -74,8 +74,8 @@ def test_r1_is_the_squared_input_gradient():
 
 # -- gan_finetune / dcl steps ----------------------------------------------------------------------
 @pytest.mark.parametrize("cls,cfg", [
-    (GANFinetune, GANFinetuneConfig(d_reg_every=2, path_regularize=2.0, g_reg_every=2)),
-    (DCL, DCLConfig(d_reg_every=2)),
+    (GANFinetune, GANFinetuneConfig(d_reg_every=2, path_regularize=2.0, g_reg_every=2, ema_decay=ROSINALITY_EMA)),
+    (DCL, DCLConfig(d_reg_every=2, ema_decay=ROSINALITY_EMA)),
 ])
 def test_train_steps_run_and_update_both_networks(cls, cfg):
     m = cls(cfg, tiny_source(), "cpu", seed=1)
@@ -152,8 +152,9 @@ def test_dcl_layer_selection_and_terms():
 
 
 @pytest.mark.parametrize("cls,cfg", [
-    (GANFinetune, GANFinetuneConfig(d_reg_every=2, path_regularize=2.0, g_reg_every=2, mixing=0.5)),
-    (DCL, DCLConfig(d_reg_every=3, mixing=0.5)),
+    (GANFinetune, GANFinetuneConfig(d_reg_every=2, path_regularize=2.0, g_reg_every=2, mixing=0.5,
+                                    ema_decay=ROSINALITY_EMA)),
+    (DCL, DCLConfig(d_reg_every=3, mixing=0.5, ema_decay=ROSINALITY_EMA)),
 ])
 def test_state_dict_resumes_bit_for_bit(cls, cfg):
     images = shots()
@@ -175,12 +176,14 @@ def test_state_dict_resumes_bit_for_bit(cls, cfg):
 
 
 def test_sample_is_uint8_deterministic_and_uses_ema():
-    m = GANFinetune(GANFinetuneConfig(), tiny_source(), "cpu")
+    m = GANFinetune(GANFinetuneConfig(ema_decay=ROSINALITY_EMA), tiny_source(), "cpu")
     s1, s2 = m.sample(3, seed=5), m.sample(3, seed=5)
     assert s1.dtype == torch.uint8 and s1.shape == (3, 3, 16, 16) and s1.device.type == "cpu"
     assert torch.equal(s1, s2) and not torch.equal(s1, m.sample(3, seed=6))
     assert m.sampling_generator is m.g_ema
-    assert GANFinetune(GANFinetuneConfig(ema_decay=0.0), tiny_source(), "cpu").g_ema is None
+    # off by default (short few-shot runs: see the module docstring); the trained G is sampled
+    plain = GANFinetune(GANFinetuneConfig(), tiny_source(), "cpu")
+    assert plain.g_ema is None and plain.sampling_generator is plain.g
     truncated = GANFinetune(GANFinetuneConfig(truncation=0.5), tiny_source(), "cpu").sample(3, seed=5)
     assert truncated.shape == s1.shape
 
@@ -219,6 +222,34 @@ def test_pretrain_runs_and_its_export_loads(tmp_path):
     folder = m.export(tmp_path / "source")
     src = load_gan_source(str(folder))
     assert src.arch == preset_arch("tiny", 16) and src.origin == str(folder)
-    assert torch.equal(GANFinetune(GANFinetuneConfig(), src, "cpu").sample(2, seed=0), m.sample(2, seed=0))
+    # a fine-tuning with EMA samples the export's g_ema (the pretrain's sampled generator) at step 0
+    ema = GANFinetuneConfig(ema_decay=ROSINALITY_EMA)
+    assert torch.equal(GANFinetune(ema, src, "cpu").sample(2, seed=0), m.sample(2, seed=0))
     with pytest.raises(ValueError, match="unknown StyleGAN2 preset"):
         GANPretrainConfig(preset="huge")
+
+
+def test_defaults_move_the_samples_to_a_new_domain_within_a_short_run():
+    """The default config adapts within a short run (EMA off, see gan_finetune's docstring): ten
+    dark shots pull the sampled images' brightness towards theirs; rosinality's EMA (0.998 per
+    step) keeps the sampled generator near the source over the same steps. GAN training
+    oscillates, so the closest approach over the run is compared (checked every 30 steps)."""
+    g = torch.Generator().manual_seed(0)
+    dark = torch.randint(5, 40, (10, 3, 16, 16), generator=g, dtype=torch.uint8)
+    dark[:, :, 7:9, 3:13] = 230  # a light stroke on each, as glyphs on a dark background
+    target = float(dark.float().mean())
+
+    def gaps(cfg: GANFinetuneConfig, steps: int = 120) -> list[float]:
+        m = GANFinetune(cfg, tiny_source(), "cpu", seed=0)
+        batches = torch.Generator().manual_seed(1)
+        out = [abs(float(m.sample(32, seed=1).float().mean()) - target)]
+        for step in range(1, steps + 1):
+            m.train_step(random_batch(dark, 4, batches))
+            if step % 30 == 0:
+                out.append(abs(float(m.sample(32, seed=1).float().mean()) - target))
+        return out
+
+    default, ema = gaps(GANFinetuneConfig()), gaps(GANFinetuneConfig(ema_decay=ROSINALITY_EMA))
+    assert default[0] == ema[0] > 20  # the same source, far from the target's brightness
+    assert min(default[1:]) < 0.5 * default[0], default
+    assert min(ema[1:]) > 0.8 * ema[0], ema  # 0.99778^120 ≈ 0.77: most of G_ema is still the source

@@ -108,8 +108,8 @@ class DCLConfig(GANFinetuneConfig):
     def search_space(cls) -> dict[str, Any]:
         # The baseline's knobs (lr, R1, mixing, EMA) with the baseline's ranges, then DCL's own: a
         # sweep comparison of DCL with fine-tuning searches the shared training settings alike. Left
-        # out, DCL kept rosinality's EMA (0.998 per step: after 300 steps the sampled G_ema still
-        # holds 0.998^300 = 55% of the source weights) while fine-tuning could turn it off.
+        # out, DCL kept rosinality's EMA (0.99778 per step: after 300 steps the sampled G_ema still
+        # holds 0.99778^300 ≈ 51% of the source weights) while fine-tuning could turn it off.
         return {
             **super().search_space(),
             "lambda_g": {"loguniform": [0.1, 10.0]},
