@@ -259,16 +259,14 @@ def sequence_trial(params: dict[str, Any], *, static: dict[str, Any]) -> None:
 
 
 def _searcher(settings: SweepSettings):
-    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    from orchestrator.samplers import sweep_sampler
+
+    sampler = sweep_sampler(settings.multi_objective, settings.seed)
     if settings.multi_objective:
-        sampler = optuna.samplers.NSGAIISampler(seed=settings.seed)
-        metric, mode = settings.metrics, settings.modes
-    else:
-        sampler = optuna.samplers.TPESampler(seed=settings.seed)
-        metric, mode = settings.metrics[0], settings.modes[0]
-    return OptunaSearch(metric=metric, mode=mode, sampler=sampler)
+        return OptunaSearch(metric=settings.metrics, mode=settings.modes, sampler=sampler)
+    return OptunaSearch(metric=settings.metrics[0], mode=settings.modes[0], sampler=sampler)
 
 
 def _rungs(settings: SweepSettings, progress: Progress) -> list[int]:
