@@ -583,6 +583,9 @@ def demo(
     else:
         _print_result(res, "demo: ddpm_finetune on synthetic-sketch")
     console.print(f"Demo finished in {time.time() - t0:.0f} s.")
+    console.print(f"Draw images from the adapted model: [bold]orchestrate sample {res.name} --n 1000 --out "
+                  f"demo-samples/[/]; score it at scale: [bold]orchestrate evaluate {res.name} --task "
+                  f"{DEFAULT_TASK}[/]", soft_wrap=True)
 
 
 @app.command()
@@ -619,6 +622,151 @@ def runs(
                       r.data.tags.get(tracking.TAG_KIND, "-"), st,
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(r.info.start_time / 1000)))
     console.print(table)
+
+
+SAMPLE_OPTIONS_HELP = "diffusion: sampler, steps, eta; self_guided: guidance, label; StyleGAN2: truncation; lfs_gan: task"
+
+
+def _sample_options(sampler, steps, eta, guidance, label, truncation, task_index) -> dict:
+    return {"sampler": sampler, "steps": steps, "eta": eta, "guidance": guidance, "label": label,
+            "truncation": truncation, "task": task_index}
+
+
+class _ImagesProgress:
+    """One progress bar for a sampling job: images done, images/s and time left."""
+
+    def __init__(self, what: str):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.bar = Progress(TextColumn(f"[bold]{what}[/]"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                            TimeRemainingColumn(), console=console, transient=False)
+        self.task = None
+        self.t0 = time.perf_counter()
+        self.first = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("sample", total=total, completed=done, rate="")
+            self.first = done
+            self.t0 = time.perf_counter()
+            return
+        rate = (done - self.first) / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.update(self.task, completed=done, rate=f"{rate:.1f} images/s")
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+
+@app.command()
+def sample(
+    model: str = typer.Argument(..., help="an exported folder, a diffusers UNet folder, a StyleGAN2 checkpoint, "
+                                "a run name or MLflow run id, or models:/NAME/VERSION"),
+    n: int = typer.Option(..., "--n", help="how many images"),
+    out: str = typer.Option(..., "--out", help="a folder (PNGs) or a .parquet file, local or s3://..."),
+    seed: int = typer.Option(0, help="image i depends only on the model, the options, this seed and i"),
+    sampler: Optional[str] = typer.Option(None, help="diffusion: ddim (default) or ddpm"),
+    steps: Optional[int] = typer.Option(None, help="diffusion sampling steps (default 50)"),
+    eta: Optional[float] = typer.Option(None, help="DDIM's eta (default 0)"),
+    guidance: Optional[float] = typer.Option(None, help="self_guided: guidance scale w (default: the model's)"),
+    label: Optional[int] = typer.Option(None, help="self_guided: draw this pseudo-class only"),
+    truncation: Optional[float] = typer.Option(None, help="StyleGAN2: truncation psi (default 1)"),
+    task_index: Optional[int] = typer.Option(None, "--task-index", help="lfs_gan: which learned task (default: the last)"),
+    workers: int = typer.Option(1, help="sampling actors (one model load each)"),
+    cpus_per_worker: Optional[float] = typer.Option(None, help="CPUs per actor (default: the node's cores shared; 1 with GPUs)"),
+    gpus_per_worker: float = typer.Option(0.0, help="GPUs per actor; fractions share a GPU (e.g. 0.25)"),
+    batch_size: int = typer.Option(32, help="images per forward pass (part of what decides the bytes)"),
+    shard_size: Optional[int] = typer.Option(None, help="images per shard: the unit that is written and resumed"),
+    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+    storage: Optional[str] = typer.Option(None, help=STORAGE_HELP),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+) -> None:
+    """Draw N images from MODEL into OUT, spread over Ray Data actors; rerun the same command to
+    resume a killed job (the shards already written are skipped)."""
+    from orchestrator import api
+
+    bar = _ImagesProgress(f"sampling {model}")
+
+    def plan():
+        return api.plan_sample(model, n, out, seed=seed, batch_size=batch_size, shard_size=shard_size,
+                               options=_sample_options(sampler, steps, eta, guidance, label, truncation, task_index),
+                               workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                               tracking_uri=tracking_uri, storage=storage, address=address)
+
+    try:
+        checked = _guard(plan)
+        if not checked.needs_ray:  # every shard is written already
+            res = _guard(lambda: api.run_sample(checked))
+        else:
+            res = _session(address, lambda _: api.run_sample(checked, bar))
+    finally:
+        bar.close()
+    if res.written == 0:
+        console.print(f"[bold green]{res.dest}[/] already holds all {res.n} images of this job; nothing to do.")
+        return
+    console.print(f"[bold green]sampled[/] {res.written} image(s) of {res.model} into [bold]{res.dest}[/] "
+                  f"({res.images_per_s:.1f} images/s; {res.n} in the job)")
+
+
+@app.command()
+def evaluate(
+    target: str = typer.Argument(..., help="a model (as for `sample`) or images made elsewhere: a folder, a "
+                                 ".parquet file or an s3:// prefix"),
+    task: str = typer.Option(DEFAULT_TASK, "--task", "-t", help=TASK_HELP),
+    n: Optional[int] = typer.Option(None, "--n", help="samples of a model (default: the task's reference count); "
+                                    "images of a folder (default: all)"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    metrics: Optional[str] = typer.Option(None, help="feature networks, comma-separated (default: domain)"),
+    sampler: Optional[str] = typer.Option(None, help="diffusion: ddim (default) or ddpm"),
+    steps: Optional[int] = typer.Option(None, help="diffusion sampling steps (default 50)"),
+    eta: Optional[float] = typer.Option(None, help="DDIM's eta (default 0)"),
+    guidance: Optional[float] = typer.Option(None, help="self_guided: guidance scale w"),
+    label: Optional[int] = typer.Option(None, help="self_guided: this pseudo-class only"),
+    truncation: Optional[float] = typer.Option(None, help="StyleGAN2: truncation psi"),
+    task_index: Optional[int] = typer.Option(None, "--task-index", help="lfs_gan: which learned task"),
+    workers: int = typer.Option(1, help="sampling actors"),
+    cpus_per_worker: Optional[float] = typer.Option(None, help="CPUs per actor"),
+    gpus_per_worker: float = typer.Option(0.0, help="GPUs per actor; fractions share a GPU"),
+    batch_size: int = typer.Option(32, help="images per forward pass"),
+    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+    storage: Optional[str] = typer.Option(None, help=STORAGE_HELP),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+) -> None:
+    """Score a model or a folder of images with the runs' evaluation protocol (FID, KID,
+    intra-cluster diversity, density/coverage, target rate) against TASK's reference set;
+    recorded as an MLflow run of kind `evaluation`."""
+    from orchestrator import api
+    from orchestrator.tracking import ui_hint
+
+    bar = _ImagesProgress(f"sampling {target}")
+
+    def plan():
+        return api.plan_evaluate(target, task, n=n, seed=seed, batch_size=batch_size,
+                                 metrics=[m.strip() for m in metrics.split(",")] if metrics else None,
+                                 options=_sample_options(sampler, steps, eta, guidance, label, truncation, task_index),
+                                 workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                                 tracking_uri=tracking_uri, storage=storage, address=address)
+
+    try:
+        checked = _guard(plan)
+        if checked.sample is None or not checked.sample.needs_ray:  # nothing to sample: no Ray
+            res = _guard(lambda: api.run_evaluate(checked))
+        else:
+            res = _session(address, lambda _: api.run_evaluate(checked, bar))
+    finally:
+        bar.close()
+    table = Table(show_header=False, box=None)
+    table.add_row("evaluation", res.name + (" (already FINISHED)" if res.already_finished else ""))
+    table.add_row("MLflow run id", res.run_id)
+    for k in sorted(res.metrics):
+        if k.startswith(("fid_", "kid_", "intra_", "density_", "coverage_", "target_rate", "num_")) and \
+                "std" not in k:
+            table.add_row(k, f"{res.metrics[k]:.4g}")
+    console.print(table)
+    console.print(f"Browse: [bold]{ui_hint(res.tracking_uri, res.experiment_id, res.run_id)}[/]", soft_wrap=True)
 
 
 def _guard(fn):

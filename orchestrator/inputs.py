@@ -75,9 +75,15 @@ def check_data(task: TaskConfig) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def check_metric_networks(cfg: ResolvedConfig) -> None:
+    check_metric_names(cfg.run.metrics)
+
+
+def check_metric_names(metrics: list[str]) -> None:
+    """The weights of every feature network but the domain encoder are on disk (the encoder is
+    resolved per task)."""
     from trainers.metrics import available_extractors
 
-    others = [m for m in cfg.run.metrics if m != "domain"]
+    others = [m for m in metrics if m != "domain"]
     if others:
         available_extractors(others)  # raises MissingWeightsError naming the files
 

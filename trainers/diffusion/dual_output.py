@@ -312,50 +312,67 @@ def dual_sample(unet: torch.nn.Module, train_scheduler: DDPMScheduler, n: int, r
     ``sampler="ddim"``: x_{t'} = sqrt(ᾱ_{t'}) clip(x̂0_mix) + sqrt(1 − ᾱ_{t'}) ε_mix (η = 0,
     ``q_posterior_mean_implicit``). ``"ddpm"``: x_{t'} = μ̃'(clip(x̂0_mix), x_t) + σ' z with the
     respaced β' (``p_sample``). See the module docstring for the respacing and the options."""
+    device = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    images = []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        x = torch.randn(b, 3, resolution, resolution, generator=gen).to(device)
+        images.append(dual_denoise(unet, train_scheduler, x, steps,
+                                   lambda shape: torch.randn(shape, generator=gen), sampler=sampler,
+                                   timestep_spacing=timestep_spacing, clip=clip,
+                                   ddim_eps_from_clipped=ddim_eps_from_clipped, ddpm_variance=ddpm_variance,
+                                   autocast=autocast))
+    return torch.cat(images)
+
+
+@torch.no_grad()
+def dual_denoise(unet: torch.nn.Module, train_scheduler: DDPMScheduler, x: torch.Tensor, steps: int,
+                 draw_noise, *, sampler: Sampler = "ddim", timestep_spacing: Spacing = "leading",
+                 clip: bool = True, ddim_eps_from_clipped: bool = False, ddpm_variance: Variance = "fixedlarge",
+                 autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+    """The sampling chain of :func:`dual_sample` from the noise ``x`` [B,3,H,W] (on the UNet's
+    device) to uint8 images; ``draw_noise(shape)`` gives the DDPM sampler's per-step noise on the
+    CPU (one seeded generator for a batch, or one per image: ``trainers.generate``)."""
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
     if ddpm_variance not in ("fixedlarge", "fixedsmall"):
         raise ValueError(f"ddpm_variance must be 'fixedlarge' or 'fixedsmall', got {ddpm_variance!r}")
-    device = torch.device(device)
+    device = x.device
+    b = x.shape[0]
     abar_all = train_scheduler.alphas_cumprod.to(device, torch.float32)
     one = torch.ones((), device=device)
     ts = respaced_timesteps(int(train_scheduler.config.num_train_timesteps), steps, timestep_spacing)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     was_training = unet.training
     unet.eval()
-    images = []
     try:
-        for start in range(0, n, batch_size):
-            b = min(batch_size, n - start)
-            x = torch.randn(b, 3, resolution, resolution, generator=gen).to(device)
-            for i, t in enumerate(ts):
-                last = i + 1 == len(ts)
-                abar_t = abar_all[t]
-                abar_prev = one if last else abar_all[ts[i + 1]]
-                with autocast if autocast is not None else contextlib.nullcontext():
-                    out = unet(x, torch.full((b,), t, device=device, dtype=torch.long)).sample
-                x0_direct, eps_hat, r = split_output(out.float())
-                x0_eps = (x - (1 - abar_t).sqrt() * eps_hat) / abar_t.sqrt()
-                s = mix_weight(r)
-                x0_mix = s * x0_direct + (1 - s) * x0_eps
-                x0_used = x0_mix.clamp(-1, 1) if clip else x0_mix
-                if sampler == "ddim":
-                    eps_src = x0_used if ddim_eps_from_clipped else x0_mix
-                    eps_mix = (x - abar_t.sqrt() * eps_src) / (1 - abar_t).sqrt()
-                    x = abar_prev.sqrt() * x0_used + (1 - abar_prev).sqrt() * eps_mix
-                else:
-                    beta = 1 - abar_t / abar_prev  # the respaced β' of this step
-                    c1 = abar_prev.sqrt() * beta / (1 - abar_t)
-                    c2 = (1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)
-                    x = c1 * x0_used + c2 * x
-                    if not last:
-                        var = beta if ddpm_variance == "fixedlarge" else beta * (1 - abar_prev) / (1 - abar_t)
-                        z = torch.randn(x.shape, generator=gen).to(device)
-                        x = x + var.sqrt() * z
-            images.append(to_uint8(x))
+        for i, t in enumerate(ts):
+            last = i + 1 == len(ts)
+            abar_t = abar_all[t]
+            abar_prev = one if last else abar_all[ts[i + 1]]
+            with autocast if autocast is not None else contextlib.nullcontext():
+                out = unet(x, torch.full((b,), t, device=device, dtype=torch.long)).sample
+            x0_direct, eps_hat, r = split_output(out.float())
+            x0_eps = (x - (1 - abar_t).sqrt() * eps_hat) / abar_t.sqrt()
+            s = mix_weight(r)
+            x0_mix = s * x0_direct + (1 - s) * x0_eps
+            x0_used = x0_mix.clamp(-1, 1) if clip else x0_mix
+            if sampler == "ddim":
+                eps_src = x0_used if ddim_eps_from_clipped else x0_mix
+                eps_mix = (x - abar_t.sqrt() * eps_src) / (1 - abar_t).sqrt()
+                x = abar_prev.sqrt() * x0_used + (1 - abar_prev).sqrt() * eps_mix
+            else:
+                beta = 1 - abar_t / abar_prev  # the respaced β' of this step
+                c1 = abar_prev.sqrt() * beta / (1 - abar_t)
+                c2 = (1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)
+                x = c1 * x0_used + c2 * x
+                if not last:
+                    var = beta if ddpm_variance == "fixedlarge" else beta * (1 - abar_prev) / (1 - abar_t)
+                    z = draw_noise(tuple(x.shape)).to(device)
+                    x = x + var.sqrt() * z
     finally:
         unet.train(was_training)
-    return torch.cat(images)
+    return to_uint8(x)
 
 
 # --- the methods ------------------------------------------------------------------------------
@@ -415,7 +432,14 @@ class DualOutput(DDPMFinetune):
         ``backbone.load_source`` as a 7-channel source that ``DualOutput`` accepts."""
         return save_source(self.sampling_unet, self.scheduler, folder,
                            extra={"adapted_by": self.key, "adapted_from": self.source.origin,
-                                  "dual_output": True})
+                                  "dual_output": True, "dual_sampling": self.sampling_settings()})
+
+    def sampling_settings(self) -> dict[str, Any]:
+        """How this model's samples are drawn besides the sampler and step count (what
+        ``trainers.generate`` reads back from an export)."""
+        c = self.config
+        return {"timestep_spacing": c.timestep_spacing, "clip": c.clip_mixed,
+                "ddim_eps_from_clipped": c.ddim_eps_from_clipped, "ddpm_variance": c.ddpm_variance}
 
 
 class DualOutputPretrainConfig(DualOutputConfig):

@@ -305,19 +305,28 @@ def is_self_guided_source(folder: str | os.PathLike) -> bool:
     return (Path(folder) / SPEC_FILE).is_file()
 
 
+def load_conditional_unet(unet: UNet2DModel, folder: str | os.PathLike) -> tuple[ConditionalUNet, dict[str, Any]]:
+    """The conditional network of a self-guided folder around its already loaded ``unet`` (what
+    sampling needs; no annotator), and the folder's ``self_guided.json``."""
+    folder = Path(folder)
+    spec = json.loads((folder / SPEC_FILE).read_text())
+    if spec.get("format") != SPEC_FORMAT:
+        raise SourceModelError(f"{folder / SPEC_FILE}: format {spec.get('format')!r}, expected {SPEC_FORMAT!r}")
+    if not (folder / MLP_FILE).is_file():
+        raise SourceModelError(f"self-guided source {folder} has no {MLP_FILE}")
+    net = ConditionalUNet(unet, spec["num_classes"], spec["conditioning"], spec["cond_dim"], spec["time_dim"])
+    net.cond_mlp.load_state_dict(torch.load(folder / MLP_FILE, map_location="cpu", weights_only=True))
+    return net.to(next(unet.parameters()).device), spec
+
+
 def load_self_guided_parts(unet: UNet2DModel, folder: str | os.PathLike, device, encoder: Any = None
                            ) -> tuple[ConditionalUNet, Annotator, dict[str, Any]]:
     """The conditional network (around the already loaded ``unet``) and the annotator of a
     self-guided source folder."""
     folder = Path(folder)
-    spec = json.loads((folder / SPEC_FILE).read_text())
-    if spec.get("format") != SPEC_FORMAT:
-        raise SourceModelError(f"{folder / SPEC_FILE}: format {spec.get('format')!r}, expected {SPEC_FORMAT!r}")
-    for name in (MLP_FILE, ANNOTATOR_FILE):
-        if not (folder / name).is_file():
-            raise SourceModelError(f"self-guided source {folder} has no {name}")
-    net = ConditionalUNet(unet, spec["num_classes"], spec["conditioning"], spec["cond_dim"], spec["time_dim"])
-    net.cond_mlp.load_state_dict(torch.load(folder / MLP_FILE, map_location="cpu", weights_only=True))
+    net, spec = load_conditional_unet(unet, folder)
+    if not (folder / ANNOTATOR_FILE).is_file():
+        raise SourceModelError(f"self-guided source {folder} has no {ANNOTATOR_FILE}")
     if Annotator.embeds_encoder(folder / ANNOTATOR_FILE):
         encoder = None  # the annotator's own (embedded) encoder defines its label space
     try:
@@ -358,26 +367,38 @@ def guided_ddim_sample(net: ConditionalUNet, train_scheduler: DDPMScheduler, lab
                        autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) with the guided ε̃ (labels −1 = unconditional rows);
     the noise and the timesteps are drawn exactly as ``backbone.ddim_sample``; uint8 [n,3,H,W]."""
-    scheduler = DDIMScheduler.from_config(train_scheduler.config)
-    scheduler.set_timesteps(steps, device=device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    was_training = net.training
-    net.eval()
     labels = labels.long()
     out = []
+    for start in range(0, len(labels), batch_size):
+        b = min(batch_size, len(labels) - start)
+        x = torch.randn(b, 3, resolution, resolution, generator=gen).to(device)
+        out.append(guided_denoise(net, train_scheduler, x, labels[start:start + b], steps, w, eta=eta,
+                                  generator=gen if eta > 0 else None, autocast=autocast))
+    return torch.cat(out) if out else torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
+
+
+@torch.no_grad()
+def guided_denoise(net: ConditionalUNet, train_scheduler: DDPMScheduler, x: torch.Tensor, labels: torch.Tensor,
+                   steps: int, w: float, eta: float = 0.0, generator=None,
+                   autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+    """The DDIM chain of :func:`guided_ddim_sample` from the noise ``x`` [B,3,H,W] (on the net's
+    device) to uint8 images; ``generator``: one CPU generator, or one per image (diffusers'
+    schedulers accept a list), for η > 0."""
+    device = x.device
+    scheduler = DDIMScheduler.from_config(train_scheduler.config)
+    scheduler.set_timesteps(steps, device=device)
+    was_training = net.training
+    net.eval()
     try:
-        for start in range(0, len(labels), batch_size):
-            b = min(batch_size, len(labels) - start)
-            x = torch.randn(b, 3, resolution, resolution, generator=gen).to(device)
-            cond = net.condition(labels[start:start + b].to(device))
-            for t in scheduler.timesteps:
-                with autocast if autocast is not None else contextlib.nullcontext():
-                    eps = guided_eps(net, x, t, cond, w)
-                x = scheduler.step(eps, t, x, eta=eta, generator=gen if eta > 0 else None).prev_sample
-            out.append(to_uint8(x))
+        cond = net.condition(labels.long().to(device))
+        for t in scheduler.timesteps:
+            with autocast if autocast is not None else contextlib.nullcontext():
+                eps = guided_eps(net, x, t, cond, w)
+            x = scheduler.step(eps, t, x, eta=eta, generator=generator).prev_sample
     finally:
         net.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
+    return to_uint8(x)
 
 
 # --------------------------------------------------------------------------------------------
