@@ -103,13 +103,13 @@ def s3_bucket(s3_server):
 def offline_weights():
     """Tests never reach the internet: metric weights are not fetched (tests of the fetching
     serve their own files on loopback and lift this)."""
-    saved = os.environ.get("FEWSHOT_OFFLINE")
-    os.environ["FEWSHOT_OFFLINE"] = "1"
+    saved = os.environ.get("ORCHESTRATE_OFFLINE")
+    os.environ["ORCHESTRATE_OFFLINE"] = "1"
     yield
     if saved is None:
-        os.environ.pop("FEWSHOT_OFFLINE", None)
+        os.environ.pop("ORCHESTRATE_OFFLINE", None)
     else:
-        os.environ["FEWSHOT_OFFLINE"] = saved
+        os.environ["ORCHESTRATE_OFFLINE"] = saved
 
 
 @pytest.fixture(scope="session")

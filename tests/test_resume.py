@@ -136,11 +136,20 @@ def test_cuda_checkpoint_resumes(sources, method, tmp_path):
     m, _ = build_method(job, torch.device("cuda"), 0)
     gen = torch.Generator(device="cuda").manual_seed(1)
     torch.save({"method": m.state_dict(), "rng": capture(m, gen)}, tmp_path / "s.pt")
+    weights = {name: {k: v.detach().cpu() for k, v in net.state_dict().items()} for name, net in m.networks().items()}
+    next_batch = torch.rand(3, generator=gen, device="cuda").cpu()  # what the restored generator must draw
     state = load_state(tmp_path / "s.pt")
     for device in ("cuda", "cpu"):
         m2, _ = build_method(job, torch.device(device), 0)
         m2.load_state_dict(state["method"])
-        restore(state["rng"], m2, torch.Generator(device=device))
+        gen2 = torch.Generator(device=device)
+        restore(state["rng"], m2, gen2)
+        assert m2.step == m.step
+        for name, net in m2.networks().items():
+            for k, v in net.state_dict().items():
+                assert torch.equal(v.cpu(), weights[name][k]), f"{device}: {name}.{k} differs after the restore"
+        if device == "cuda":  # a CUDA generator's stream continues where it was saved
+            assert torch.equal(torch.rand(3, generator=gen2, device="cuda").cpu(), next_batch)
 
 
 def test_checkpoint_missing_a_file_is_refused_by_name(sources):

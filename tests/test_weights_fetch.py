@@ -39,9 +39,9 @@ def server(tmp_path):
 
 @pytest.fixture
 def online(monkeypatch, tmp_path):
-    monkeypatch.setenv("FEWSHOT_OFFLINE", "0")
+    monkeypatch.setenv("ORCHESTRATE_OFFLINE", "0")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.delenv("FEWSHOT_WEIGHTS_DIR", raising=False)
+    monkeypatch.delenv("ORCHESTRATE_WEIGHTS_DIR", raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch" / "hub"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
@@ -105,7 +105,7 @@ def test_offline_gives_the_clear_error_naming_the_file(server, online, monkeypat
 
     root, url = server
     monkeypatch.setitem(weights.REMOTE, FID_WEIGHTS_FILE, RemoteWeight(f"{url}/never-requested.pth", "0" * 8))
-    monkeypatch.setenv("FEWSHOT_OFFLINE", "1")
+    monkeypatch.setenv("ORCHESTRATE_OFFLINE", "1")
     with pytest.raises(MissingWeightsError) as err:
         InceptionExtractor.from_pretrained()
     text = str(err.value)

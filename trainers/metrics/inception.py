@@ -224,7 +224,7 @@ class InceptionExtractor(FeatureExtractor):
         device: torch.device | str = "cpu",
     ) -> "InceptionExtractor":
         """Load ``pt_inception-2015-12-05-6726825d.pth`` from ``path`` (file or directory),
-        ``weights_dir``, ``$FEWSHOT_WEIGHTS_DIR`` or the torch hub checkpoint directories."""
+        ``weights_dir``, ``$ORCHESTRATE_WEIGHTS_DIR`` or the torch hub checkpoint directories."""
         how = (
             f"download {FID_WEIGHTS_URL} on a machine with internet (pytorch-fid fetches the same "
             f"file into $TORCH_HOME/hub/checkpoints on first use) and copy it to one of the "

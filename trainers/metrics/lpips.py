@@ -173,8 +173,8 @@ class LPIPS(nn.Module):
         """Load backbone and lin weights from disk.
 
         Search order for the backbone: ``backbone_path`` (file or dir), ``weights_dir``,
-        ``$FEWSHOT_WEIGHTS_DIR``, the torch hub checkpoint dirs. For the lin weights:
-        ``lin_path``, ``weights_dir``, ``$FEWSHOT_WEIGHTS_DIR``, the installed ``lpips`` package's
+        ``$ORCHESTRATE_WEIGHTS_DIR``, the torch hub checkpoint dirs. For the lin weights:
+        ``lin_path``, ``weights_dir``, ``$ORCHESTRATE_WEIGHTS_DIR``, the installed ``lpips`` package's
         ``weights/v0.1``. Missing files -> :class:`MissingWeightsError` naming all of them.
         """
         if net not in _NETS:

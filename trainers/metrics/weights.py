@@ -1,11 +1,11 @@
 """Pretrained weight files of the standard metric networks: found on disk, or fetched on first use.
 
-A file is looked for in the given directories, ``$FEWSHOT_WEIGHTS_DIR`` and the torch hub cache.
+A file is looked for in the given directories, ``$ORCHESTRATE_WEIGHTS_DIR`` and the torch hub cache.
 When it is not there and the machine is online, it is downloaded once from its official address
 (:data:`REMOTE`: pytorch-fid's FID Inception weights, torchvision's VGG16/AlexNet, the ``lpips``
 package's linear layers) into the torch hub cache (``$TORCH_HOME/hub/checkpoints``) and its
 sha256 is checked before it is used (the full digest where we know it, else the prefix that the
-file name carries, as torch hub does). Offline (``FEWSHOT_OFFLINE=1``, or the address cannot be
+file name carries, as torch hub does). Offline (``ORCHESTRATE_OFFLINE=1``, or the address cannot be
 reached) nothing is fetched.
 
 A metric is never silently computed with another network: when a file is missing and cannot be
@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 import torch
 
 #: Extra directory searched first for every weight file (all files may simply be put there).
-WEIGHTS_ENV = "FEWSHOT_WEIGHTS_DIR"
+WEIGHTS_ENV = "ORCHESTRATE_WEIGHTS_DIR"
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -50,7 +50,7 @@ class MissingWeightsError(FileNotFoundError):
 
 
 #: Set to 1 to never download weight files.
-OFFLINE_ENV = "FEWSHOT_OFFLINE"
+OFFLINE_ENV = "ORCHESTRATE_OFFLINE"
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def lpips_package_weight_dir() -> Path | None:
 
 
 def user_search_dirs(extra: Iterable[Path | str | None] = ()) -> list[Path]:
-    """User-given directories, then ``$FEWSHOT_WEIGHTS_DIR`` when set."""
+    """User-given directories, then ``$ORCHESTRATE_WEIGHTS_DIR`` when set."""
     dirs = [Path(d).expanduser() for d in extra if d]
     env = os.environ.get(WEIGHTS_ENV)
     if env:
@@ -155,7 +155,7 @@ def user_search_dirs(extra: Iterable[Path | str | None] = ()) -> list[Path]:
 
 
 def default_search_dirs(extra: Iterable[Path | str | None] = ()) -> list[Path]:
-    """User-given directories, then ``$FEWSHOT_WEIGHTS_DIR``, then the torch hub checkpoint dirs."""
+    """User-given directories, then ``$ORCHESTRATE_WEIGHTS_DIR``, then the torch hub checkpoint dirs."""
     return _unique(user_search_dirs(extra) + torch_hub_checkpoint_dirs())
 
 
