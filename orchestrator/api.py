@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from orchestrator.config import ConfigError, InputError, TaskConfig
 from orchestrator.lifelong import run_lifelong as lifelong
-from orchestrator.models import ResolvedModel, publish_model, resolve_model
+from orchestrator.models import ResolvedModel, find_run, publish_model, resolve_model
 from orchestrator.sampling import Destination, SampleJob, SampleResult, check_destination, run_sampling
 from orchestrator.sources import pretrain_source
 from orchestrator.sweep import run_sweep as sweep
@@ -34,7 +34,7 @@ from trainers.generate import SampleOptions
 
 __all__ = ["pretrain_source", "adapt", "sweep", "lifelong", "sample", "plan_sample", "run_sample",
            "evaluate", "plan_evaluate", "run_evaluate", "SampleOptions", "SamplePlan", "EvaluatePlan",
-           "EvaluationResult", "SampleResult"]
+           "EvaluationResult", "SampleResult", "register"]
 
 Progress = Callable[[int, int], None]  # (images done, images in the job)
 
@@ -345,3 +345,28 @@ def evaluate(target: str, task: str | TaskConfig, *, progress: Progress | None =
     if p.sample is None or not p.sample.needs_ray:
         return run_evaluate(p, progress)
     return _with_ray(p.address, lambda: run_evaluate(p, progress))
+
+
+def register(run: str, name: str, *, tracking_uri: str | None = None) -> str:
+    """Register the exported model of ``run`` (a run name or MLflow run id) as a new version of the
+    registered model ``name`` in MLflow's Model Registry; returns ``models:/NAME/VERSION``, which
+    ``sample``, ``evaluate``, ``mlflow.pyfunc.load_model`` and a task's ``source`` accept."""
+    from orchestrator import tracking
+    from orchestrator.mlflow_model import MLMODEL
+    from orchestrator.mlflow_model import register as register_version
+    from orchestrator.names import check_name
+
+    check_name(name, "--register")
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    found = find_run(run, uri)
+    if found is None:
+        raise InputError(f"--register: no run named {run!r} in the MLflow store {uri}")
+    run_id = found.info.run_id
+    if found.info.status != "FINISHED":
+        raise InputError(f"--register: run {run} ({run_id}) is {found.info.status}; only a FINISHED run's model "
+                         "is registered")
+    names = {a.path for a in tracking.client(uri).list_artifacts(run_id, "model")}
+    if f"model/{MLMODEL}" not in names:
+        raise InputError(f"--register: run {run} ({run_id}) has no MLflow model (no model/{MLMODEL} artifact: "
+                         "not an adaptation run, or recorded by an older version of the tool)")
+    return register_version(uri, run_id, name)

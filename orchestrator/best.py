@@ -20,8 +20,11 @@ def best_runs(method: str, metric: str, mode: str, *, task: str | None = None, t
     experiment = f"lifelong-{sequence}" if sequence else method
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
+        from orchestrator.names import did_you_mean
+
         what = f"sequence {sequence!r}" if sequence else "this method"
-        raise ConfigError(f"no MLflow experiment {experiment!r} in {uri}: nothing has been run with {what}")
+        hint = did_you_mean(experiment, [e.name for e in c.search_experiments()])
+        raise ConfigError(f"no MLflow experiment {experiment!r}{hint} in {uri}: nothing has been run with {what}")
     if mode not in ("min", "max"):
         raise ConfigError(f"--mode {mode!r}: expected min or max")
     flt = f"attributes.status = 'FINISHED' and metrics.`{metric}` >= -1e308"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -46,11 +47,29 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show full traceback
         os.environ["ORCHESTRATE_DEBUG"] = "1"  # Ray forwards the workers' output (orchestrator.raycluster)
 
 
+# "<_io.BytesIO object at 0x7f...>": a library's repr of its own object, which names nothing the user has;
+# and the terminal colour codes that Ray puts in its exceptions' messages
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def _fail(message: str, code: int = 2) -> None:
+    """``error: MESSAGE`` on stderr, never wrapped by us (a terminal wraps it; a log keeps one line),
+    with no object reprs and no rich markup read into it; then exit ``code``."""
+    from rich.markup import escape
+
     from orchestrator.redact import redact_text
 
-    err.print(f"[bold red]error:[/] {redact_text(message)}", highlight=False)
+    text = _ANSI.sub("", _OBJECT_REPR.sub("", redact_text(message)))
+    err.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _same_command() -> str:
+    """The command line of this invocation, shell-quoted, to run again."""
+    import shlex
+
+    return shlex.join(["orchestrate", *sys.argv[1:]])
 
 
 def _print_result(res, what: str) -> None:
@@ -89,13 +108,17 @@ def _session(address: str | None, body, preflight=None):
         interrupts.install()  # after ray.init, which installs its own SIGTERM handler
         return _guard(lambda: body(checked))
     except KeyboardInterrupt:
+        from rich.markup import escape
+
         what, resume = interrupts.describe()
-        msg = "interrupted"
+        # every interruption says how to resume: a source being pretrained (or anything before
+        # the run names itself) is recorded KILLED too, and the same command continues it
         if what:
-            msg += f": {what} is recorded KILLED in MLflow; to resume it, run the same command again"
-            if resume:
-                msg += f" ({resume})"
-        err.print(f"[bold yellow]{msg}[/]", highlight=False)
+            msg = f"interrupted: {what} is recorded KILLED in MLflow; to resume it, run the same command again"
+        else:
+            msg = "interrupted (what it had started is recorded KILLED); to resume, run the same command again"
+        msg += f" ({resume or _same_command()})"
+        err.print(f"[bold yellow]{escape(msg)}[/]", highlight=False, soft_wrap=True)
         raise typer.Exit(130)
     finally:
         try:
@@ -120,18 +143,24 @@ def train(
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
     storage: Optional[str] = typer.Option(None, help=STORAGE_HELP),
     address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+    register: Optional[str] = typer.Option(None, "--register", metavar="NAME",
+                                           help="register the exported model in MLflow's Model Registry as NAME "
+                                                "(a new version: models:/NAME/VERSION)"),
 ) -> None:
     """Adapt a source generator to a few-shot task with METHOD (one Ray Train run)."""
-    from orchestrator.config import parse_overrides, resolve
+    from orchestrator.config import parse_overrides, resolve, run_flags
+    from orchestrator.names import check_name
     from orchestrator.train import preflight
     from orchestrator.train import train as run_train
 
     try:
+        if name is not None:
+            check_name(name, "--name")
+        if register is not None:
+            check_name(register, "--register")
         overrides = parse_overrides(set_)
-        for key, value in (("run.num_workers", workers), ("run.steps", steps),
-                           ("run.gpus_per_worker", gpus_per_worker)):
-            if value is not None:
-                overrides[key] = value
+        overrides.update(run_flags({"--workers": ("run.num_workers", workers), "--steps": ("run.steps", steps),
+                                    "--gpus-per-worker": ("run.gpus_per_worker", gpus_per_worker)}))
         if gpu:
             overrides["run.use_gpu"] = True
         task_file = task or (None if config else DEFAULT_TASK)
@@ -140,12 +169,25 @@ def train(
         _fail(str(exc))
     res = _session(address, lambda checked: run_train(checked[0], name=name, tracking_uri=checked[1],
                                                       storage=checked[2], restart=restart),
-                   preflight=lambda: preflight(cfg, tracking_uri=tracking_uri, storage=storage, address=address))
+                   preflight=lambda: preflight(cfg, tracking_uri=tracking_uri, storage=storage, address=address,
+                                               name=name))
     if res.already_finished:
         console.print(f"Run [bold]{res.name}[/] already FINISHED (MLflow run {res.run_id}); "
                       "nothing to do. Use --restart to train it again or --name for a new run.")
-        return
-    _print_result(res, f"{method} on {res.name}")
+    else:
+        _print_result(res, f"{method} on {res.name}")
+    if register is not None and res.status == "FINISHED":
+        _register(res.run_id, register, res.tracking_uri)
+
+
+def _register(run: str, name: str, tracking_uri: str | None) -> None:
+    from orchestrator.api import register as register_model
+
+    try:
+        uri = register_model(run, name, tracking_uri=tracking_uri)
+    except ConfigError as exc:
+        _fail(str(exc))
+    console.print(f"Registered [bold]{uri}[/]: orchestrate sample {uri} --n 1000 --out samples/", highlight=False)
 
 
 @app.command()
@@ -179,18 +221,20 @@ def sweep(
     trial is a training run (in the trial's own process; a TorchTrainer with --workers > 1) and an
     MLflow child run of the sweep. With --tasks SEQUENCE every trial learns a whole lifelong
     sequence and is ranked by the sequence's summary."""
-    from orchestrator.config import parse_overrides, resolve
+    from orchestrator.config import parse_overrides, resolve, run_flags
     from orchestrator.lifelong import load_sequence, task_configs
+    from orchestrator.names import check_name
     from orchestrator.space import build_space
-    from orchestrator.sweep import SweepSettings, default_objective, run_sweep
+    from orchestrator.sweep import SweepSettings, check_sweep, default_objective, run_sweep
 
     sequence = None
     task_cfg = None
     try:
-        overrides = parse_overrides(set_)
-        for key, value in (("run.num_workers", workers), ("run.steps", steps)):
+        for flag, value in (("--name", name), ("--resume", resume)):
             if value is not None:
-                overrides[key] = value
+                check_name(value, flag)
+        overrides = parse_overrides(set_)
+        overrides.update(run_flags({"--workers": ("run.num_workers", workers), "--steps": ("run.steps", steps)}))
         if tasks is not None:
             if task is not None:
                 raise ConfigError("--task and --tasks: give one task or one sequence, not both")
@@ -215,6 +259,8 @@ def sweep(
     except ConfigError as exc:
         _fail(str(exc))
 
+    sweep_name: dict[str, str] = {}
+
     def checks():
         from orchestrator.inputs import check_data, check_metric_networks
         from orchestrator.preflight import check_all
@@ -224,6 +270,9 @@ def sweep(
         import os
 
         check_all(tracking_uri, storage)
+        # unknown --resume target, a taken --name, a live lease, a bad name: refused before Ray starts
+        sweep_name["name"] = check_sweep(resume or name, resume=resume is not None, base=base, sequence=sequence,
+                                         tracking_uri=tracking_uri, storage=storage)
         if resume:
             return base
         checked = early_source_check(base)
@@ -241,7 +290,7 @@ def sweep(
         if not resume:
             check_resources(base.run.num_workers, settings.cpus, settings.gpus_per_trial, cluster_shapes(),
                             what="each trial")
-        return run_sweep(checked_base, sp, settings, name=resume or name, resume=resume is not None,
+        return run_sweep(checked_base, sp, settings, name=sweep_name["name"], resume=resume is not None,
                          tracking_uri=tracking_uri, storage=storage, sequence=sequence, overrides=overrides,
                          task=task_cfg)
 
@@ -284,6 +333,9 @@ def best(
     metric: Optional[str] = typer.Option(None, help="rank by this metric (default: the sweep objective)"),
     mode: Optional[str] = typer.Option(None, help="min or max"),
     export: Optional[Path] = typer.Option(None, help="write the best config as YAML for `train --config`"),
+    register: Optional[str] = typer.Option(None, "--register", metavar="NAME",
+                                           help="register the best run's exported model in MLflow's Model "
+                                                "Registry as NAME"),
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
 ) -> None:
     """The best configs of METHOD recorded in MLflow (train runs and sweep trials)."""
@@ -295,8 +347,19 @@ def best(
     metric = metric or default[0]
     mode = mode or default[1]
     try:
-        if sequence and (task or export):
-            raise ConfigError("--sequence ranks whole sequences: --task and --export apply to single-task runs")
+        from orchestrator.names import DERIVED_MAX, check_name
+        from orchestrator.preflight import check_tracking_readable
+
+        if sequence and (task or export or register):
+            raise ConfigError("--sequence ranks whole sequences: --task, --export and --register apply to "
+                              "single-task runs")
+        if register is not None:
+            check_name(register, "--register")
+        if task is not None:  # names go into MLflow filter strings: a quote would break them
+            check_name(task, "--task", DERIVED_MAX)
+        if sequence is not None:
+            check_name(sequence, "--sequence")
+        check_tracking_readable(tracking_uri)  # an unreachable server fails in seconds, not minutes
         runs = best_runs(method, metric, mode, task=task, top=top, tracking_uri=tracking_uri, sequence=sequence)
     except ConfigError as exc:
         _fail(str(exc))
@@ -326,6 +389,8 @@ def best(
     if export:
         path = export_config(resolve_tracking_uri(tracking_uri), runs[0].info.run_id, export)
         console.print(f"Best config written to [bold]{path}[/]: orchestrate train {method} --config {path}")
+    if register:
+        _register(runs[0].info.run_id, register, tracking_uri)
 
 
 @app.command("pretrain-classifier")
@@ -474,8 +539,11 @@ def lifelong(
     report the matrices R[k, j], forgetting, backward transfer and the parameter cost per task."""
     from orchestrator.config import parse_overrides
     from orchestrator.lifelong import load_sequence, run_lifelong, task_configs
+    from orchestrator.names import check_name
 
     try:
+        if name is not None:
+            check_name(name, "--name")
         seq = load_sequence(tasks)
         overrides = parse_overrides(set_)
         configs = task_configs(seq, method, overrides, str(tasks))  # validate everything before Ray starts
@@ -488,9 +556,16 @@ def lifelong(
         from orchestrator.inputs import check_data, check_metric_networks
         from orchestrator.preflight import check_all
         from orchestrator.raycluster import check_resources, local_shape
+        from orchestrator import lease
+        from orchestrator.lifelong import check_names, experiment_name
         from orchestrator.train import early_source_check, run_resources
 
         uri, store = check_all(tracking_uri, storage)
+        # the run's and every task run's name and folder, and the sequence's lease: before Ray starts
+        run_name = check_names(seq, method, overrides, name, store)
+        parent = lease.find_existing(uri, experiment_name(seq), run_name)
+        if parent is not None:
+            lease.check_free(parent, f"lifelong run {run_name!r} (MLflow run {parent.info.run_id})")
         early_source_check(configs[0])
         for cfg in configs:
             check_data(cfg.task)
@@ -598,13 +673,19 @@ def runs(
     """List recorded runs, newest first. A RUNNING run whose owner stopped sending heartbeats (a
     killed CLI, a lost node) is shown as RUNNING (stale): the next invocation takes it over."""
     from orchestrator import lease, tracking
+    from orchestrator.names import did_you_mean
+    from orchestrator.preflight import check_tracking_readable
 
-    uri = tracking.resolve_tracking_uri(tracking_uri)
+    try:
+        uri = check_tracking_readable(tracking_uri)  # an unreachable server fails in seconds, not minutes
+    except ConfigError as exc:
+        _fail(str(exc))
     c = tracking.client(uri)
     exps = [c.get_experiment_by_name(method)] if method else c.search_experiments()
     exps = [e for e in exps if e is not None]
     if not exps:
-        _fail(f"no MLflow experiment {method!r} in {uri}", code=1)
+        known = [e.name for e in c.search_experiments()] if method else []
+        _fail(f"no MLflow experiment {method!r}{did_you_mean(method or '', known)} in {uri}", code=1)
     flt = f"attributes.status = '{status.upper()}'" if status else ""
     found = c.search_runs([e.experiment_id for e in exps], filter_string=flt,
                           order_by=["attributes.start_time DESC"], max_results=top)
@@ -769,6 +850,30 @@ def evaluate(
     console.print(f"Browse: [bold]{ui_hint(res.tracking_uri, res.experiment_id, res.run_id)}[/]", soft_wrap=True)
 
 
+@app.command(context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})
+def submit(
+    command: list[str] = typer.Argument(..., help="the orchestrate command to run there, after --, "
+                                        "e.g. -- sweep ddpm_pa --gpus-per-trial 0.25"),
+    address: Optional[str] = typer.Option(None, help="the cluster's Ray Jobs API (its dashboard), e.g. "
+                                          "http://localhost:8265; default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="print the job's id and return; do not follow its logs"),
+    env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the job's processes (shown in the "
+                                  "dashboard: no secrets)"),
+    stop_grace_s: int = typer.Option(60, help="seconds a stopped job gets to record its runs KILLED"),
+) -> None:
+    """Run an orchestrate command on a Ray cluster as a Ray Job (this checkout uploaded as its
+    working_dir); follow its logs until it ends and exit with its exit code. The job does not need
+    this machine: Ctrl-C stops following, not the job (`ray job stop ID` stops it, recorded KILLED)."""
+    from orchestrator.submit import SubmitError
+    from orchestrator.submit import submit as submit_job
+
+    try:
+        code = submit_job(command, address=address, wait=not no_wait, env=env, stop_grace_s=stop_grace_s)
+    except SubmitError as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
 def _guard(fn):
     """Turn the errors users cause (bad input, refused requests) into one line and exit code 2;
     a failure while training into one line and exit code 1 (the traceback with --debug)."""
@@ -825,8 +930,9 @@ def _root_cause(exc: BaseException) -> BaseException:
 def main() -> None:
     try:
         app()
-    except KeyboardInterrupt:
-        err.print("interrupted")
+    except KeyboardInterrupt:  # outside a session (before Ray, a run or a job had started)
+        err.print(f"interrupted; to resume, run the same command again ({_same_command()})", highlight=False,
+                  markup=False, soft_wrap=True)
         sys.exit(130)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.names import NAME_MAX, DerivedName, check_name, did_you_mean
 from trainers.base import MethodConfig
 from trainers.registry import SOURCE_FAMILIES, check_family, get_method
 
@@ -28,7 +29,9 @@ class InputError(ConfigError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: `lr: .inf` or `steps_per_x: .nan` parse as YAML floats and pass `gt=0`;
+    # every float field of a task or run settings must be a finite number
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class PretrainSpec(_Strict):
@@ -83,7 +86,9 @@ class ReferenceSpec(DataSpec):
 
 
 class TaskConfig(_Strict):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # a task file's own name is checked against NAME_MAX in load_task; a sequence's tasks are
+    # composed (SEQUENCE-K-TASK), hence the longer limit here (orchestrator.names)
+    name: DerivedName = Field(...)
     resolution: int = Field(32, ge=8, le=1024)
     source: SourceSpec = Field(default_factory=SourceSpec)
     target: TargetSpec
@@ -166,18 +171,32 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
 
 def format_validation_error(where: str, exc: ValidationError, model: type[BaseModel] | None = None,
                             prefix: str = "") -> str:
-    lines = [f"{where}: invalid configuration"]
+    """``where: key: what was expected (got value)``: one line for one error, else a header line
+    and one indented line per error. A validator's own message that already shows the value
+    (``(got 48)``) is not given the value twice; pydantic's ``Value error, `` prefix is dropped."""
+    lines = []
     for err in exc.errors():
         key = prefix + _format_loc(err["loc"])
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, err["loc"][:-1]) if model else None
-            hint = f"; expected one of: {', '.join(allowed)}" if allowed else ""
-            lines.append(f"  {key}: unknown key{hint}")
+            name = str(err["loc"][-1]) if err["loc"] else ""
+            hint = (did_you_mean(name, allowed) + f"; expected one of: {', '.join(allowed)}") if allowed else ""
+            lines.append(f"{key}: unknown key{hint}")
         elif err["type"] == "missing":
-            lines.append(f"  {key}: required key is missing")
+            lines.append(f"{key}: required key is missing")
         else:
-            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            got = "" if "(got " in msg else f" (got {_short_repr(err.get('input'))})"
+            lines.append(f"{key}: {msg}{got}")
+    if len(lines) == 1:
+        return f"{where}: {lines[0]}"
+    return "\n".join([f"{where}: invalid configuration", *(f"  {line}" for line in lines)])
+
+
+def _short_repr(value: Any) -> str:
+    """A value as an error message shows it: its repr, cut when long (a 300-character name)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
@@ -232,8 +251,9 @@ def builtin_task(domain: str, family: str = "ddpm") -> TaskConfig:
     from trainers.data import TARGET_DOMAINS
 
     if domain not in TARGET_DOMAINS:
-        raise ConfigError(f"unknown built-in task synthetic:{domain}; expected one of "
-                          f"{', '.join('synthetic:' + d for d in TARGET_DOMAINS)}")
+        choices = ["synthetic:" + d for d in TARGET_DOMAINS]
+        raise ConfigError(f"unknown built-in task synthetic:{domain}{did_you_mean('synthetic:' + domain, choices)}; "
+                          f"expected one of {', '.join(choices)}")
     source = SourceSpec(family=family, pretrain=GAN_PRETRAIN if family == "stylegan2" else PretrainSpec())
     if shipped_source(family, 32):
         source.model = "builtin"
@@ -249,7 +269,13 @@ def load_task(path: str | Path, family: str = "ddpm") -> TaskConfig:
         return builtin_task(path.split(":", 1)[1], family)
     path = Path(path)
     raw = read_yaml_mapping(path, "task", "keys (name, resolution, source, target, ...)")
-    raw.setdefault("name", path.stem)
+    # a task file's name (or its file name) is chosen by someone: the shorter limit, so that the
+    # names composed from it (METHOD-TASK-HASH, sweep-METHOD-TASK-TIME) fit (orchestrator.names)
+    if "name" not in raw:
+        raw["name"] = check_name(path.stem, f"{path}: name (taken from the file name; set `name:` in the file)",
+                                 NAME_MAX)
+    elif isinstance(raw["name"], str):
+        check_name(raw["name"], f"{path}: name", NAME_MAX)
     try:
         task = TaskConfig.model_validate(raw)
     except ValidationError as exc:
@@ -352,15 +378,37 @@ def apply_overrides(config: ResolvedConfig, overrides: dict[str, Any], where: st
             section, name = "run", key
         else:
             raise ConfigError(
-                f"{where} {key}: unknown key; expected a {config.method} setting "
+                f"{where} {key}: unknown key{did_you_mean(key, sorted(method_fields | run_fields))}; "
+                f"expected a {config.method} setting "
                 f"({', '.join(sorted(method_fields))}), a run setting ({', '.join(sorted(run_fields))}), "
                 "or task.<section>.<key>"
             )
         valid = method_fields if section == "method_config" else run_fields
         if name not in valid:
-            raise ConfigError(f"{where} {key}: unknown key {name!r}; expected one of {', '.join(sorted(valid))}")
+            raise ConfigError(f"{where} {key}: unknown key {name!r}{did_you_mean(name, sorted(valid))}; "
+                              f"expected one of {', '.join(sorted(valid))}")
         data[section][name] = value
     return validate_resolved(data, where)
+
+
+def run_flags(flags: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    """Overrides from a command's own flags (``{"--steps": ("run.steps", 0)}``; None = not given),
+    each value checked against its run setting alone first, so that an error names the flag the
+    user typed (``--steps 0: ...``), not ``--set``."""
+    out: dict[str, Any] = {}
+    for flag, (key, value) in flags.items():
+        if value is None:
+            continue
+        field = key.split(".", 1)[1]
+        try:
+            RunSettings.model_validate({field: value})
+        except ValidationError as exc:
+            errors = [e for e in exc.errors() if e["loc"][:1] == (field,)]
+            if errors:
+                msg = str(errors[0]["msg"]).removeprefix("Value error, ")
+                raise ConfigError(f"{flag} {value}: {msg} (it sets {key})") from None
+        out[key] = value
+    return out
 
 
 def validate_resolved(data: dict[str, Any], where: str) -> ResolvedConfig:

@@ -24,7 +24,7 @@ from orchestrator import tracking
 from orchestrator.artifacts import ArtifactRef
 from orchestrator.job import Job
 from orchestrator.lease import Lease
-from orchestrator.storage import remove_run_dir, storage_uri
+from orchestrator.storage import remove_run_dir, run_dir, storage_uri
 
 # Train polls its workers every 2 s by default; metrics then arrive seconds late.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -90,12 +90,14 @@ def _finished_export(run) -> ArtifactRef | None:
 def run_job(job: Job, *, experiment: str, tracking_uri: str | None = None,
             params: dict[str, str] | None = None, config_yaml: str | None = None,
             tags: dict[str, str] | None = None, restart: bool = False, parent_run_id: str | None = None,
-            lease: bool = True, launcher: Literal["train", "inprocess"] = "train") -> LaunchResult:
+            lease: bool = True, launcher: Literal["train", "inprocess"] = "train",
+            sources: dict[str, str] | None = None) -> LaunchResult:
     """Run (or resume) one job, recorded in one MLflow run. ``lease``: this invocation owns the
     run (a top-level command); runs nested in a sweep or a sequence are covered by their parent's."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
     storage = storage_uri(job.storage)
     name = job.name
+    folder = run_dir(storage, name)  # the name is checked, its folder stays under the storage root
     exp_id = tracking.get_or_create_experiment(uri, experiment)
     existing = tracking.find_run(uri, exp_id, name, parent_run_id)
     if restart and existing is not None:
@@ -121,6 +123,10 @@ def run_job(job: Job, *, experiment: str, tracking_uri: str | None = None,
                 tracking.log_params(uri, run_id, params)
             if config_yaml:
                 tracking.log_text(uri, run_id, config_yaml, "config.yaml")
+            if sources is not None:
+                from orchestrator.inputs import log_job_inputs
+
+                log_job_inputs(uri, run_id, job, sources)
         job = job.model_copy(update={"tracking_uri": uri, "run_id": run_id, "storage": storage})
         try:
             if launcher == "inprocess":
@@ -135,7 +141,7 @@ def run_job(job: Job, *, experiment: str, tracking_uri: str | None = None,
             raise
         export = export_of(metrics)
         c = tracking.client(uri)
-        c.set_tag(run_id, "orchestrate.run_dir", f"{storage}/{name}")
+        c.set_tag(run_id, "orchestrate.run_dir", folder)
         tracking.end_run(uri, run_id, "FINISHED")
     finally:
         if held is not None:

@@ -84,6 +84,40 @@ def state(run) -> str:
     return "live" if lease.live else "stale"
 
 
+def store_exists(tracking_uri: str) -> bool:
+    """False when ``tracking_uri`` is a local store (SQLite file, folder) that does not exist yet:
+    it holds no run, and a check that only reads must not create it."""
+    from pathlib import Path
+
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///"):]).is_file()
+    if "://" not in tracking_uri or tracking_uri.startswith("file:"):
+        return Path(tracking_uri.removeprefix("file://")).exists()
+    return True
+
+
+def find_existing(tracking_uri: str, experiment: str, name: str, parent_run_id: str | None = None):
+    """The newest run ``name`` of ``experiment`` (None when the store, the experiment or the run
+    does not exist); creates nothing."""
+    if not store_exists(tracking_uri):
+        return None
+    exp = tracking.client(tracking_uri).get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    return tracking.find_run(tracking_uri, exp.experiment_id, name, parent_run_id)
+
+
+def check_free(run, what: str) -> None:
+    """Before Ray starts: refuse (``RunBusyError``) a run whose lease a live invocation holds, as
+    ``Lease.acquire`` would after Ray had started. (``acquire`` still decides: this is the early,
+    cheap answer for the common case of a second invocation.)"""
+    if run is None or state(run) != "live":
+        return
+    current = read(run)
+    raise RunBusyError(f"{what} is being trained by another invocation: {current.describe()}; wait for it, or "
+                       f"stop it (its lease goes stale {current.ttl:.0f} s after its last heartbeat)")
+
+
 class Lease:
     """A held lease; ``release()`` (or leaving the ``with`` block) ends its heartbeat."""
 

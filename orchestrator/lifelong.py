@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -32,10 +33,11 @@ from orchestrator.config import (
     format_validation_error, validate_resolved,
 )
 from orchestrator.forgetting import empty_matrix, summarize
-from orchestrator.inputs import Inputs, check_data, check_source, make_job
+from orchestrator.inputs import Inputs, check_data, check_source, data_sources, make_job
 from orchestrator.job import EvalTask
 from orchestrator.launch import export_of, run_job
 from orchestrator.lease import Lease
+from orchestrator.names import DERIVED_MAX, Name, check_name
 from orchestrator.redact import redact
 from orchestrator.sources import ResolvedSource, domain_encoder_for, resolve_source
 from orchestrator.storage import storage_uri
@@ -45,7 +47,7 @@ RESULT_PREFIX = "r_"
 
 class SequenceTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: Name = Field(..., description="the task's name (orchestrator.names)")
     target: TargetSpec
     reference: ReferenceSpec | None = None
 
@@ -54,7 +56,7 @@ class SequenceConfig(BaseModel):
     """A sequence file: the shared source, the tasks in order, and per-task run settings."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: Name = Field(..., description="the sequence's name (orchestrator.names)")
     resolution: int = Field(32, ge=8, le=1024)
     source: SourceSpec = Field(default_factory=lambda: SourceSpec(family="stylegan2"))
     run: dict[str, Any] = Field(default_factory=dict, description="run settings for every task (run.KEY)")
@@ -130,6 +132,26 @@ def default_name(seq: SequenceConfig, method: str, overrides: dict[str, Any]) ->
 
 def experiment_name(seq: SequenceConfig) -> str:
     return f"lifelong-{seq.name}"
+
+
+def task_run_name(name: str, seq: SequenceConfig, k: int) -> str:
+    """The run (and storage folder) of task ``k`` of lifelong run ``name``."""
+    return f"{name}-task{k}-{seq.tasks[k].name}"
+
+
+def check_names(seq: SequenceConfig, method: str, overrides: dict[str, Any], name: str | None,
+                storage: str) -> str:
+    """Before anything starts: the lifelong run's name (``--name``, or the default) and every task
+    run's name and storage folder follow the name rule (``orchestrator.names``); returns the name."""
+    from orchestrator.storage import run_dir
+
+    if name is not None:
+        check_name(name, "--name")
+    else:
+        name = check_name(default_name(seq, method, overrides), "the default lifelong run name", DERIVED_MAX)
+    for k in range(len(seq.tasks)):
+        run_dir(storage, task_run_name(name, seq, k))
+    return name
 
 
 def prefix_summary(R: dict[str, np.ndarray], k: int) -> dict[str, float]:
@@ -222,9 +244,9 @@ def run_lifelong(seq: SequenceConfig, method: str, *, overrides: dict[str, Any] 
     ``launcher``: how each task trains (``orchestrator.launch.run_job``)."""
     overrides = overrides or {}
     configs = task_configs(seq, method, overrides, where)
-    name = name or default_name(seq, method, overrides)
-    uri = tracking.resolve_tracking_uri(tracking_uri)
     storage = storage_uri(storage)
+    name = check_names(seq, method, overrides, name, storage)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
     exp_id = tracking.get_or_create_experiment(uri, experiment_name(seq))
     parent = tracking.find_run(uri, exp_id, name, parent_run_id)
     fresh = parent is None
@@ -236,8 +258,9 @@ def run_lifelong(seq: SequenceConfig, method: str, *, overrides: dict[str, Any] 
         parent_id = parent.info.run_id
     held = Lease(uri, parent_id, f"lifelong run {name!r} (MLflow run {parent_id})").acquire() if lease else None
     if lease:
-        interrupts.current(f"lifelong run {name}", f"orchestrate lifelong --tasks <sequence file> --method {method} "
-                           f"--name {name}")
+        tasks_file = shlex.quote(where) if Path(where).is_file() else "<sequence file>"
+        interrupts.current(f"lifelong run {name}", f"orchestrate lifelong --tasks {tasks_file} --method "
+                           f"{shlex.quote(method)} --name {shlex.quote(name)}")
     try:
         if fresh:
             tracking.log_params(uri, parent_id, {"method": method, "tasks": json.dumps([t.name for t in seq.tasks]),
@@ -276,7 +299,7 @@ def _learn(seq: SequenceConfig, method: str, configs: list, *, name: str, uri: s
     params_per_task = 0
     previous: ArtifactRef | None = None
     for k, cfg in enumerate(configs):
-        child_name = f"{name}-task{k}-{seq.tasks[k].name}"
+        child_name = task_run_name(name, seq, k)
         child = tracking.find_run(uri, exp_id, child_name, parent_id)
         export = _export_tag(child) if child is not None and child.info.status == "FINISHED" else None
         if export is not None:
@@ -288,6 +311,7 @@ def _learn(seq: SequenceConfig, method: str, configs: list, *, name: str, uri: s
                            previous=previous, lifelong_eval=inputs.eval_tasks(k))
             res = run_job(job, experiment=experiment_name(seq), tracking_uri=uri, params=cfg.flat_params(),
                           config_yaml=cfg.to_yaml(), parent_run_id=parent_id, lease=False, launcher=launcher,
+                          sources=data_sources(cfg),
                           tags={tracking.TAG_KIND: "lifelong-task", tracking.TAG_TASK: cfg.task.name,
                                 tracking.TAG_METHOD: method, "orchestrate.task_index": str(k)})
             row = dict(res.metrics or {})

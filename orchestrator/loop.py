@@ -124,6 +124,7 @@ def build_method(job: Job, device: torch.device, seed: int):
         method = cls(cfg, job.resolution, device, seed=seed, perf=perf)
     else:
         method = cls(cfg, load_source(job, device), device, seed=seed, perf=perf)
+        method.source_label = job.source.short() if job.source is not None else str(job.source_hub_id)
         if job.previous is not None:  # a later task of a lifelong stream: earlier tasks' state
             method.continue_from(fetch(job.previous))
     return method, perf
@@ -339,10 +340,10 @@ def run_loop(job: Job, session: Session) -> LoopResult:
     buffer = tracking.MetricBuffer(uri, run_id) if log else None
     logged_through = tracking.logged_step(uri, run_id, TAG_LOGGED) if log else -1
 
-    def grid(name: str, sampling_steps: int) -> None:
+    def grid(step: int, sampling_steps: int) -> None:
         with phases("grids"):
             samples = method.sample(run.grid_size, steps=sampling_steps, seed=run.seed)
-            tracking.log_image_grid(uri, run_id, samples.numpy(), f"samples/{name}.png")
+            tracking.log_image_grid(uri, run_id, samples.numpy(), f"samples/step_{step:06d}.png", step=step)
 
     with phases("mlflow"):
         if log:  # where this attempt runs, and what it resumed from (a restart after a fault, a resume)
@@ -357,7 +358,7 @@ def run_loop(job: Job, session: Session) -> LoopResult:
                                               "precision": str(perf.amp_dtype or "fp32"),
                                               "node_id": session.node_id})
     if log and start == 0 and logged_through < 0:
-        grid("step_000000", run.grid_sample_steps)
+        grid(0, run.grid_sample_steps)
 
     with phases("metric_networks"):  # the feature networks and the reference set's statistics
         evaluator = Evaluator(job, cpu_images, device) if rank == 0 and job.kind == "adapt" else None
@@ -385,7 +386,7 @@ def run_loop(job: Job, session: Session) -> LoopResult:
         last = step + 1 == steps
         if log and ((step + 1) % run.sample_every == 0 or last) and step + 1 > logged_through:
             t = time.perf_counter()
-            grid(f"step_{step + 1:06d}", run.grid_sample_steps)
+            grid(step + 1, run.grid_sample_steps)
             window.excluded += time.perf_counter() - t
         if (step + 1) % every and not last:
             continue
@@ -469,6 +470,10 @@ def finish(job: Job, method, log: bool) -> ArtifactRef:
     uri, run_id = job.tracking_uri, job.run_id
     with tempfile.TemporaryDirectory() as tmp:
         folder = method.export(Path(tmp) / "model")
+        if job.kind == "adapt":  # an adapted generator is also an MLflow model (registrable)
+            from orchestrator.mlflow_model import write_mlmodel
+
+            write_mlmodel(folder)
         ref = publish(folder, job.storage)
         if log:
             samples = method.sample(job.run.grid_size, seed=job.run.seed)

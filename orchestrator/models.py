@@ -63,7 +63,7 @@ def resolve_model(spec: str, tracking_uri: str | None = None) -> ResolvedModel:
     from orchestrator import tracking
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    run = _find_run(spec, uri)
+    run = find_run(spec, uri)
     if run is None:
         raise InputError(f"MODEL {spec}: not a model folder or file on this machine, and no run of that name "
                          f"or id in the MLflow store {uri} (see `orchestrate runs`)")
@@ -93,7 +93,9 @@ def resolve_model(spec: str, tracking_uri: str | None = None) -> ResolvedModel:
     return _local(spec, Path(local), **known)
 
 
-def _find_run(spec: str, uri: str):
+def find_run(spec: str, uri: str):
+    """The MLflow run named ``spec`` (a run id, or the ``orchestrate.name`` tag: the newest FINISHED
+    one, else the newest), or None."""
     from orchestrator import tracking
 
     c = tracking.client(uri)
@@ -117,7 +119,10 @@ def _registered(spec: str, tracking_uri: str | None) -> ResolvedModel:
     from orchestrator import tracking
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    folder = Path(tempfile.mkdtemp(prefix="orchestrate-model-"))
+    # named ``model`` as the run's artifact folder is: a model's digest covers its folder's name, so
+    # a registered version has the digest of the run's export it was registered from
+    folder = Path(tempfile.mkdtemp(prefix="orchestrate-model-")) / "model"
+    folder.mkdir()
     try:
         import mlflow
 
@@ -129,6 +134,8 @@ def _registered(spec: str, tracking_uri: str | None) -> ResolvedModel:
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     if (local / "model").is_dir():  # a registered run folder: its exported generator is model/
         local = local / "model"
+    # MLflow's own bookkeeping of the download, not part of the model (the digest is the export's)
+    (local / "registered_model_meta").unlink(missing_ok=True)
     return _local(spec, local)
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from orchestrator.storage import filesystem, join
+from orchestrator.storage import filesystem, join, run_dir
 
 _CKPT = re.compile(r"checkpoint_(\d{6,})$")
 COMPLETE = "COMPLETE"
@@ -133,7 +133,7 @@ class StoreSession(Session):
 
     def __init__(self, storage: str, name: str, *, device: torch.device | str = "cpu", keep: int = 2,
                  on_report: Callable[[dict[str, Any]], None] | None = None, node_id: str = "local"):
-        self.uri = join(storage, name)
+        self.uri = run_dir(storage, name)  # a checked name's own folder, never another run's
         self._device = torch.device(device)
         self.keep = keep
         self.on_report = on_report

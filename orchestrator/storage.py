@@ -88,8 +88,44 @@ def sources_dir() -> Path:
     return path
 
 
+# S3 keys hold at most 1,024 bytes; below a run's folder the tool and Ray write keys such as
+# trials/<Tune trial folder>/checkpoint_000300/rng_rank0.pt: this much is kept free for them.
+S3_KEY_MAX = 1024
+KEY_RESERVE = 384
+
+
+def run_dir(storage: str, name: str) -> str:
+    """The folder of run (or sweep) ``name`` in the run storage ``storage``, the only way a storage
+    path is built from a name: the name is checked (``orchestrator.names``: one safe path
+    component) and the folder verified to be a direct child of the storage root, so that no name
+    reaches another run's files. Raises ``ConfigError`` (bad name) or ``InputError`` (a path that
+    leaves the root, an S3 key too long for what a run writes below it)."""
+    import posixpath
+
+    from orchestrator.config import InputError
+    from orchestrator.names import DERIVED_MAX, check_name
+
+    check_name(name, "run name", DERIVED_MAX)
+    root = storage_uri(storage)
+    path = join(root, name)
+    if is_remote(root):
+        scheme, rest = root.split("://", 1)
+        inside, parent = posixpath.normpath(rest + "/" + name), posixpath.normpath(rest)
+        key = inside.split("/", 1)[1] if "/" in inside else ""
+        if len((key + "/").encode()) + KEY_RESERVE > S3_KEY_MAX:
+            raise InputError(f"--storage {root}: the run folder {path} leaves fewer than {KEY_RESERVE} of the "
+                             f"{S3_KEY_MAX} bytes of an object key for what a run writes below it (use a "
+                             "shorter storage prefix or run name)")
+    else:
+        inside, parent = os.path.normpath(os.path.abspath(path)), os.path.normpath(os.path.abspath(root))
+    if posixpath.dirname(inside.replace(os.sep, "/")) != parent.replace(os.sep, "/"):
+        raise InputError(f"run name {name!r}: its folder {path} is not directly under the run storage {root}")
+    return path
+
+
 def remove_run_dir(storage: str, name: str) -> None:
-    """Delete one run's folder under the storage (``--restart``)."""
-    fs, root = filesystem(join(storage, name))
+    """Delete one run's folder under the storage (``--restart``); only ever a checked name's own
+    folder (:func:`run_dir`)."""
+    fs, root = filesystem(run_dir(storage, name))
     if fs.exists(root):
         fs.rm(root, recursive=True)

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import shlex
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,11 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator import interrupts, tracking
 from orchestrator.config import ConfigError, ResolvedConfig, TaskConfig, apply_overrides
-from orchestrator.inputs import Inputs, make_job, prepare
+from orchestrator.inputs import Inputs, data_sources, log_job_inputs, make_job, prepare
 from orchestrator.lease import Lease
 from orchestrator.launch import quiet_train_logs
 from orchestrator.redact import has_redacted, redact
-from orchestrator.storage import storage_uri
+from orchestrator.storage import run_dir, storage_uri
 
 if TYPE_CHECKING:
     from orchestrator.lifelong import SequenceConfig
@@ -83,10 +85,10 @@ class SweepSettings:
             raise ConfigError(f"--scheduler {self.scheduler!r}: expected asha or fifo")
         if self.num_samples < 1 or self.max_concurrent < 1:
             raise ConfigError("--num-samples and --max-concurrent must be >= 1")
-        if self.gpus_per_trial < 0:
-            raise ConfigError(f"--gpus-per-trial {self.gpus_per_trial}: expected >= 0")
-        if self.cpus_per_trial is not None and self.cpus_per_trial <= 0:
-            raise ConfigError(f"--cpus-per-trial {self.cpus_per_trial}: expected > 0")
+        if not math.isfinite(self.gpus_per_trial) or self.gpus_per_trial < 0:
+            raise ConfigError(f"--gpus-per-trial {self.gpus_per_trial}: expected a finite number >= 0")
+        if self.cpus_per_trial is not None and (not math.isfinite(self.cpus_per_trial) or self.cpus_per_trial <= 0):
+            raise ConfigError(f"--cpus-per-trial {self.cpus_per_trial}: expected a finite number > 0")
 
     @property
     def multi_objective(self) -> bool:
@@ -197,6 +199,8 @@ def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:
     job = make_job(cfg, _inputs_from(static), name=trial_id, storage=static["trials_storage"],
                    checkpoint_at=static["checkpoint_at"], run_overrides={"cpus_per_worker": static["cpus"]})
     job = job.model_copy(update={"tracking_uri": uri, "run_id": run_id})
+    if existing is None:
+        log_job_inputs(uri, run_id, job, data_sources(cfg))
     if cfg.run.num_workers == 1:
         from orchestrator.loop import run_loop
         from orchestrator.session import TuneSession
@@ -306,6 +310,41 @@ def default_sweep_name(base: ResolvedConfig) -> str:
     return f"sweep-{base.method}-{base.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_sweep(name: str | None, *, resume: bool, base: ResolvedConfig, sequence: SequenceConfig | None,
+                tracking_uri: str | None, storage: str | None) -> str:
+    """Every refusal a sweep can decide before Ray starts, creating nothing: its name (``--resume``,
+    ``--name`` or the default) follows the name rule (``orchestrator.names``) and its folder stays
+    under the run storage; ``--resume`` names a sweep that MLflow and Tune's state both know; a new
+    ``--name`` is not taken; no live invocation holds the sweep's lease. Returns the name
+    (``run_sweep`` checks again once Ray is up: another invocation may have come in between)."""
+    from orchestrator import lease
+    from orchestrator.lifelong import experiment_name
+    from orchestrator.names import DERIVED_MAX, check_name
+
+    if name is not None:
+        check_name(name, "--resume" if resume else "--name")
+    else:
+        name = check_name(default_sweep_name(base), "the default sweep name", DERIVED_MAX)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    sweep_path = run_dir(storage_uri(storage), name)
+    experiment = experiment_name(sequence) if sequence is not None else base.method
+    parent = lease.find_existing(uri, experiment, name)
+    if resume:
+        if parent is None:
+            hint = "" if sequence is not None else "; a sweep over a sequence also needs its --tasks FILE"
+            raise ConfigError(f"--resume {name}: no sweep of that name in MLflow experiment {experiment} "
+                              f"({uri}){hint}")
+        lease.check_free(parent, f"sweep {name!r} (MLflow run {parent.info.run_id})")
+        from ray.tune import Tuner  # reads the storage only: Ray is not started
+
+        if not Tuner.can_restore(sweep_path):
+            raise ConfigError(f"--resume {name}: no Tune state at {sweep_path}")
+    elif parent is not None:
+        lease.check_free(parent, f"sweep {name!r} (MLflow run {parent.info.run_id})")
+        raise ConfigError(f"--name {name}: a sweep of that name exists; use --resume {name} or another name")
+    return name
+
+
 def _restore_secrets(stored: ResolvedConfig, task: TaskConfig | None, where: str) -> ResolvedConfig:
     """A resumed sweep's stored base config has its secrets redacted; the task file given again
     supplies them."""
@@ -337,7 +376,7 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
     experiment = experiment_name(sequence) if sequence is not None else base.method
     exp_id = tracking.get_or_create_experiment(uri, experiment)
     parent = tracking.find_run(uri, exp_id, name)
-    sweep_path = f"{storage}/{name}"
+    sweep_path = run_dir(storage, name)  # a checked name's own folder under the storage root
     if resume:
         if parent is None:
             hint = "" if sequence is not None else "; a sweep over a sequence also needs its --tasks FILE"
@@ -366,7 +405,7 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
             tracking.TAG_KIND: "sweep", tracking.TAG_TASK: sequence.name if sequence is not None else base.task.name,
             tracking.TAG_METHOD: base.method})
     lease = Lease(uri, parent_id, f"sweep {name!r} (MLflow run {parent_id})").acquire()
-    interrupts.current(f"sweep {name}", f"orchestrate sweep {base.method} --resume {name}"
+    interrupts.current(f"sweep {name}", f"orchestrate sweep {shlex.quote(base.method)} --resume {shlex.quote(name)}"
                        + (" --tasks <sequence file>" if sequence is not None else ""))
     try:
         if resume:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,48 @@ def find_run(tracking_uri: str, experiment_id: str, name: str, parent_run_id: st
     return runs[0] if runs else None
 
 
+@lru_cache(maxsize=1)
+def source_tags() -> dict[str, str]:
+    """MLflow's default source tags, which ``MlflowClient.create_run`` leaves out (only the fluent
+    ``mlflow.start_run`` sets them): who ran it, what command, which commit of this tool, so the
+    UI's "User" and "Source" columns and the run page's git commit are filled for every run."""
+    import getpass
+    import subprocess
+    import sys
+
+    tags = {"mlflow.source.type": "LOCAL", "orchestrate.version": _version()}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except Exception:  # no user name on this node (a container without passwd entry)
+        pass
+    argv = [Path(sys.argv[0]).name, *sys.argv[1:3]] if sys.argv and sys.argv[0] else []
+    entry = " ".join(a for a in argv if a and not a.startswith("-"))[:250]
+    if entry:
+        tags["mlflow.source.name"] = entry  # e.g. "orchestrate train ddpm_pa"
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        if len(commit) == 40:
+            tags["mlflow.source.git.commit"] = commit
+    except Exception:  # no git, or not a checkout (an installed package): no commit to name
+        pass
+    return tags
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fewshot-orchestrator")
+    except Exception:
+        return "unknown"
+
+
 def start_run(tracking_uri: str, experiment_id: str, name: str, tags: dict[str, str] | None = None,
               parent_run_id: str | None = None) -> str:
     c = client(tracking_uri)
-    all_tags = {TAG_NAME: name, "mlflow.runName": name, **(tags or {})}
+    all_tags = {**source_tags(), TAG_NAME: name, "mlflow.runName": name, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id, tags=all_tags, run_name=name)
@@ -188,17 +227,40 @@ def png_bytes(grid: np.ndarray, scale: int = 1) -> bytes:
     return buf.getvalue()
 
 
-def log_image_grid(tracking_uri: str, run_id: str, images: np.ndarray, artifact_file: str) -> None:
-    """Log a sample grid as a PNG artifact (upscaled so that tiny models' 32² samples are visible)."""
+def log_image_grid(tracking_uri: str, run_id: str, images: np.ndarray, artifact_file: str,
+                   step: int | None = None, key: str = "samples") -> None:
+    """Log a sample grid as a PNG artifact (upscaled so that tiny models' 32² samples are visible)
+    and, with ``step``, as MLflow 3's image of ``key`` at that step too: the UI then lines up
+    several runs' grids at the same step (the run comparison's image view)."""
     import tempfile
+
+    from PIL import Image
 
     grid = image_grid(images)
     scale = max(1, 256 // images.shape[-2] if images.shape[-1] == 3 else 256 // images.shape[-1])
+    data = png_bytes(grid, scale=min(scale, 4))
+    c = client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact_file).name
-        path.write_bytes(png_bytes(grid, scale=min(scale, 4)))
+        path.write_bytes(data)
         parent = str(Path(artifact_file).parent)
-        client(tracking_uri).log_artifact(run_id, str(path), None if parent == "." else parent)
+        c.log_artifact(run_id, str(path), None if parent == "." else parent)
+    if step is not None:
+        c.log_image(run_id, Image.open(io.BytesIO(data)), key=key, step=int(step))
+
+
+def log_dataset(tracking_uri: str, run_id: str, name: str, digest: str, source: str, count: int,
+                context: str, **profile: object) -> None:
+    """Record a run input (MLflow's Datasets panel): ``name`` (shots, reference, source), the
+    sha256 of its bytes (the published ``.npy`` of the decoded images, or the model's files; first
+    36 hex digits, MLflow's limit), where it came from and how many images."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    ds = Dataset(name=name, digest=digest[:36], source_type="orchestrate", source=json.dumps({"uri": source}),
+                 profile=json.dumps({"num_images": count, **profile}))
+    client(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
 
 
 def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shlex
 
 from orchestrator import interrupts, tracking
 from orchestrator.config import ResolvedConfig, apply_overrides
-from orchestrator.inputs import check_data, check_metric_networks, check_source, make_job, prepare, source_resolution
+from orchestrator.inputs import (check_data, check_metric_networks, check_source, data_sources, make_job, prepare,
+                                 source_resolution)
 from orchestrator.launch import LaunchResult, run_job
 from orchestrator.preflight import check_all
 from orchestrator.raycluster import check_resources, cluster_shapes, local_shape
@@ -39,12 +41,34 @@ def early_source_check(cfg: ResolvedConfig) -> ResolvedConfig:
     return cfg
 
 
+def check_run_name(cfg: ResolvedConfig, name: str | None, uri: str, storage: str) -> str:
+    """Before Ray starts: the run's name (``--name``, or the default ``METHOD-TASK-HASH``) follows
+    the name rule and its folder stays under the storage (``orchestrator.names``,
+    ``orchestrator.storage.run_dir``), and no live invocation trains that run (its lease); creates
+    nothing. Returns the name."""
+    from orchestrator import lease
+    from orchestrator.names import DERIVED_MAX, check_name
+    from orchestrator.storage import run_dir
+
+    if name is not None:
+        check_name(name, "--name")
+    else:
+        name = check_name(cfg.default_name(), "the default run name", DERIVED_MAX)
+    run_dir(storage, name)
+    run = lease.find_existing(uri, cfg.method, name)
+    if run is not None:
+        lease.check_free(run, f"run {name!r} (MLflow run {run.info.run_id})")
+    return name
+
+
 def preflight(cfg: ResolvedConfig, *, tracking_uri: str | None, storage: str | None,
-              address: str | None) -> tuple[ResolvedConfig, str, str]:
-    """Every check that needs no Ray, before Ray starts: URIs, source model, data, metric weights,
-    and (for a local instance) whether this machine can hold the run at all."""
+              address: str | None, name: str | None = None) -> tuple[ResolvedConfig, str, str]:
+    """Every check that needs no Ray, before Ray starts: URIs, the run's name and lease, source
+    model, data, metric weights, and (for a local instance) whether this machine can hold the run
+    at all."""
     uri, storage = check_all(tracking_uri, storage)
     cfg = early_source_check(cfg)
+    check_run_name(cfg, name, uri, storage)  # the default name depends on the checked config
     check_data(cfg.task)
     check_metric_networks(cfg)
     if not (address or os.environ.get("RAY_ADDRESS")):
@@ -65,10 +89,10 @@ def train(cfg: ResolvedConfig, *, name: str | None = None, tracking_uri: str | N
     if cfg.task.source.model == "pretrained":
         check_source(cfg, source.local, source.hub_id)
     inputs = prepare(cfg, storage=storage, tracking_uri=uri, source=source)
-    interrupts.current(f"run {name}", f"orchestrate train {cfg.method} ... --name {name}")
+    interrupts.current(f"run {name}", f"orchestrate train {shlex.quote(cfg.method)} ... --name {shlex.quote(name)}")
     return run_job(
         make_job(cfg, inputs, name=name, storage=storage), experiment=cfg.method, tracking_uri=uri,
-        params=cfg.flat_params(), config_yaml=cfg.to_yaml(), restart=restart,
+        params=cfg.flat_params(), config_yaml=cfg.to_yaml(), restart=restart, sources=data_sources(cfg),
         tags={tracking.TAG_KIND: "train", tracking.TAG_TASK: cfg.task.name,
               tracking.TAG_METHOD: cfg.method, "orchestrate.source": source.describe()},
     )

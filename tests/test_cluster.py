@@ -142,12 +142,15 @@ def test_sequence_sweep_across_nodes(cluster):
     assert all("avg_final_fid_domain" in t.data.metrics for t in trials)
 
 
-def _wait_for_checkpoint(cluster: Cluster, pattern: str, proc, timeout: float = 300) -> None:
+def _wait_for_checkpoint(cluster: Cluster, pattern: str, proc, timeout: float = 300, count: int = 2) -> None:
+    """Wait until ``count`` checkpoints are in storage. Two, not one: a checkpoint's files are
+    uploaded before its report reaches Ray, so a kill right after the first upload may restart the
+    run from scratch; the second upload begins only after the first report returned."""
     import s3fs
 
     fs = s3fs.S3FileSystem()
     deadline = time.time() + timeout
-    while not fs.glob(pattern):
+    while len(fs.glob(pattern)) < count:
         fs.invalidate_cache()
         assert proc.poll() is None, cluster.tails()
         assert time.time() < deadline, f"no checkpoint {pattern} within {timeout} s\n{cluster.tails()}"

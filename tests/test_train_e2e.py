@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 from orchestrator import tracking
 from tests.tiny import GAN_SOURCE, cli, experiment_runs, tiny_args, write_tiny_task
 
@@ -50,6 +51,53 @@ def test_train_cli_records_run_and_second_invocation_is_a_no_op(ray_local, works
     assert again.exit_code == 0 and "already FINISHED" in again.output
     assert len(experiment_runs(uri, "ddpm_finetune")[1]) == 1
     assert len(experiment_runs(uri, "pretrain-ddpm")[1]) == 1
+    _check_mlflow_idioms(uri, c, run, task)
+
+
+def _check_mlflow_idioms(uri: str, c, run, task) -> None:
+    """What MLflow 3's UI shows for a run: who and which commit ran it, its inputs in the Datasets
+    panel, its grids in the Images panel by step, and its model, registered and loadable."""
+    import json
+
+    import mlflow.pyfunc
+    import numpy as np
+
+    from orchestrator.api import register
+    from orchestrator.config import ConfigError, InputError
+    from orchestrator.models import resolve_model
+    from trainers.generate import SampleOptions, open_model
+
+    run = c.get_run(run.info.run_id)
+    tags = run.data.tags
+    assert tags["mlflow.source.name"]  # the command (under pytest: its own argv)
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["mlflow.user"]
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"shots", "reference", "source"}
+    assert json.loads(inputs["shots"].dataset.source)["uri"] == "synthetic:sketch"
+    assert json.loads(inputs["reference"].dataset.profile)["num_images"] == 32
+    assert all(len(d.dataset.digest) == 36 for d in inputs.values())
+    assert {t.value for t in inputs["shots"].tags} == {"training"}
+    assert any(a.path.startswith("images") for a in c.list_artifacts(run.info.run_id))  # the Images panel
+
+    # the export is an MLflow model; registering it makes a version that every door accepts
+    assert "model/MLmodel" in {a.path for a in c.list_artifacts(run.info.run_id, "model")}
+    res = cli("train", "ddpm_finetune", *tiny_args(task, "--name", "first"),
+              "--register", "sketchy")
+    assert res.exit_code == 0 and "models:/sketchy/1" in res.output, res.output
+    assert register("first", "sketchy", tracking_uri=uri) == "models:/sketchy/2"
+    exported, registered = resolve_model("first", uri), resolve_model("models:/sketchy/1", uri)
+    assert exported.digest == registered.digest  # the same bytes
+    opts = SampleOptions(steps=3)
+    want = open_model(exported.local).generate([0, 5], 0, opts)
+    assert torch.equal(open_model(registered.local).generate([0, 5], 0, opts), want)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    got = mlflow.pyfunc.load_model("models:/sketchy/1").predict([0, 5], params={"seed": 0, "steps": 3})
+    assert np.array_equal(got, want.permute(0, 2, 3, 1).numpy())
+    with pytest.raises(InputError, match="no run named"):
+        register("nope", "sketchy", tracking_uri=uri)
+    with pytest.raises(ConfigError, match="--register"):
+        register("first", "bad name", tracking_uri=uri)
 
 
 def test_killed_run_resumes_from_its_checkpoint(ray_local, workspace):

@@ -43,7 +43,9 @@ class PrepareContext:
 class MethodConfig(BaseModel):
     """Hyper-parameters shared by every method; each method extends it with its own."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `--set lr=.inf` (YAML's infinity) passes `gt=0` and trains on NaNs; every
+    # float setting of every method (they all extend this class) must be a finite number
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     lr: float = Field(1e-4, gt=0, description="learning rate")
     batch_size: int = Field(8, ge=1, description="images per optimisation step and worker")
@@ -80,6 +82,10 @@ class AdaptationMethod(ABC):
             raise ValueError(f"perf is for {self.perf.device}, the method for {self.device}")
         self.seed = seed
         self.step = 0
+        #: how exports name the source they adapted (``adapted_from``): the loop sets the source's
+        #: artifact name and digest, which mean the same bytes on every node; a node-local path
+        #: (the default, for methods built by hand) names nothing another machine can find.
+        self.source_label = str(getattr(source, "origin", source))
 
     @property
     @abstractmethod

@@ -29,7 +29,11 @@ def get_method(key: str) -> type[AdaptationMethod]:
     try:
         return METHODS[key]
     except KeyError:
-        raise KeyError(f"unknown method {key!r}; available: {', '.join(sorted(METHODS))}") from None
+        import difflib
+
+        close = difflib.get_close_matches(str(key), sorted(METHODS), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise KeyError(f"unknown method {key!r}{hint}; available: {', '.join(sorted(METHODS))}") from None
 
 
 # Source generators: the task file's `source.family` -> the method family that adapts it, how a

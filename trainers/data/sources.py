@@ -92,7 +92,11 @@ def load_images(uri: str | os.PathLike, resolution: int, *, count: int | None = 
     if uri.startswith(SYNTHETIC_PREFIX):
         domain = uri[len(SYNTHETIC_PREFIX):]
         if domain not in synthetic.DOMAINS:
-            raise DataError(f"{uri}: unknown synthetic domain {domain!r}; known domains: "
+            import difflib
+
+            close = difflib.get_close_matches(domain, list(synthetic.DOMAINS), n=1, cutoff=0.6)
+            hint = f" (did you mean {SYNTHETIC_PREFIX}{close[0]}?)" if close else ""
+            raise DataError(f"{uri}: unknown synthetic domain {domain!r}{hint}; known domains: "
                             f"{', '.join(SYNTHETIC_PREFIX + d for d in synthetic.DOMAINS)}")
         if count is None:
             raise DataError(f"{uri}: a synthetic domain is unbounded, so `count` is required")
@@ -282,7 +286,7 @@ def _to_rgb(im):
 
 def _decode(data: bytes | None, name: str, resolution: int) -> np.ndarray:
     """Encoded image bytes -> uint8 ``[resolution, resolution, 3]``; ``name`` is for messages."""
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise DataError(f"{name}: empty image data; expected an encoded image "
@@ -297,7 +301,10 @@ def _decode(data: bytes | None, name: str, resolution: int) -> np.ndarray:
         im = ImageOps.fit(im, (resolution, resolution), method=method)
         out = np.asarray(im, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{name}: cannot decode the image ({exc.__class__.__name__}: {exc}); "
+        # PIL's "cannot identify image file <_io.BytesIO object at 0x...>" names our buffer, not the file
+        detail = ("not an image format PIL recognises" if isinstance(exc, UnidentifiedImageError)
+                  else f"{exc.__class__.__name__}: {exc}")
+        raise DataError(f"{name}: cannot decode the image ({detail}); "
                         f"expected a valid PNG, JPEG, WebP or BMP image") from exc
     if out.shape != (resolution, resolution, 3):  # pragma: no cover - PIL guarantees this
         raise DataError(f"{name}: decoded to shape {out.shape}, expected {(resolution, resolution, 3)}")

@@ -158,4 +158,4 @@ class DDPMFinetune(AdaptationMethod):
     def export(self, folder: str | Path) -> Path:
         """The adapted (EMA) UNet as a diffusers folder: it loads as a source for a later task."""
         return save_source(self.sampling_unet, self.scheduler, folder,
-                           extra={"adapted_by": self.key, "adapted_from": self.source.origin})
+                           extra={"adapted_by": self.key, "adapted_from": self.source_label})

@@ -431,7 +431,7 @@ class DualOutput(DDPMFinetune):
         """The adapted (EMA) dual-output UNet as a diffusers folder; loads back with
         ``backbone.load_source`` as a 7-channel source that ``DualOutput`` accepts."""
         return save_source(self.sampling_unet, self.scheduler, folder,
-                           extra={"adapted_by": self.key, "adapted_from": self.source.origin,
+                           extra={"adapted_by": self.key, "adapted_from": self.source_label,
                                   "dual_output": True, "dual_sampling": self.sampling_settings()})
 
     def sampling_settings(self) -> dict[str, Any]:

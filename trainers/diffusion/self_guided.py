@@ -610,7 +610,7 @@ class SelfGuided(DDPMFinetune):
         if staging.exists():
             shutil.rmtree(staging)
         save_source(net.unet, self.scheduler, staging,
-                    extra={"adapted_by": self.key, "adapted_from": self.source.origin, "self_guided": True})
+                    extra={"adapted_by": self.key, "adapted_from": self.source_label, "self_guided": True})
         spec = {"format": SPEC_FORMAT, **net.spec(), "null_condition": "zero one-hot",
                 "guidance": "eps_null + w * (eps_cond - eps_null)", "w": self.config.w, "p": self.config.p,
                 "source_classes": self.num_source_classes, "adapted_by": self.key}

@@ -332,4 +332,4 @@ class GANFinetune(AdaptationMethod):
         """The adapted G, G_ema (G when EMA is off) and D as a rosinality-format checkpoint
         ``folder/stylegan2.pt`` (with "arch"): it loads back with ``load_gan_source(folder)``."""
         return save_gan_source(folder, self.g, self.sampling_generator, self.d,
-                               extra={"adapted_by": self.key, "adapted_from": str(self.source.origin)})
+                               extra={"adapted_by": self.key, "adapted_from": self.source_label})

@@ -504,7 +504,7 @@ class LFSGAN(GANFinetune):
             d = copy.deepcopy(self.d).cpu()
             d.load_state_dict(self.d_source_state)
         save_gan_source(folder, self.g.base, self.g.merged_generator(), d,
-                        extra={"adapted_by": self.key, "adapted_from": str(self.source.origin),
+                        extra={"adapted_by": self.key, "adapted_from": self.source_label,
                                "lfs_task_id": self._task})
         blob = {"format": MODULATORS_FORMAT, "settings": self.settings, "current_task": self._task,
                 "base_fingerprint": self.base_fingerprint(), "tasks": self.all_task_modulators()}
