@@ -74,6 +74,9 @@ def can_isolate() -> str | None:
         return "needs root for unshare --mount"
     if not shutil.which("unshare") or not shutil.which("nsenter"):
         return "needs unshare and nsenter (util-linux)"
+    for what, path in (("the checkout", Path(__file__).resolve().parents[1]), ("the venv", Path(sys.prefix))):
+        if path.is_relative_to("/tmp"):  # each node mounts its own empty /tmp over it
+            return f"{what} is under /tmp ({path}), which every isolated node replaces with its own: clone elsewhere"
     probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
     return None if probe.returncode == 0 else f"unshare --mount failed: {probe.stderr.decode().strip()}"
 
