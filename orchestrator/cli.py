@@ -150,8 +150,6 @@ def train(
     """Adapt a source generator to a few-shot task with METHOD (one Ray Train run)."""
     from orchestrator.config import parse_overrides, resolve, run_flags
     from orchestrator.names import check_name
-    from orchestrator.train import preflight
-    from orchestrator.train import train as run_train
 
     try:
         if name is not None:
@@ -167,6 +165,10 @@ def train(
         cfg = resolve(method, task_file=task_file, config_file=config, overrides=overrides)
     except ConfigError as exc:
         _fail(str(exc))
+    # imported once the command line and the task are known good: a typo answers before torch loads
+    from orchestrator.train import preflight
+    from orchestrator.train import train as run_train
+
     res = _session(address, lambda checked: run_train(checked[0], name=name, tracking_uri=checked[1],
                                                       storage=checked[2], restart=restart),
                    preflight=lambda: preflight(cfg, tracking_uri=tracking_uri, storage=storage, address=address,
@@ -213,6 +215,14 @@ def sweep(
     max_failures: int = typer.Option(2, help="retries of a trial whose process or node died"),
     name: Optional[str] = typer.Option(None, help="sweep name (default: sweep-METHOD-TASK-time)"),
     resume: Optional[str] = typer.Option(None, help="continue the interrupted sweep NAME"),
+    more: Optional[int] = typer.Option(None, help="with --resume NAME: N more trials in the finished sweep's "
+                                       "study (the sampler starts from every earlier trial)"),
+    warm_start: Optional[str] = typer.Option(None, "--warm-start", metavar="SWEEP",
+                                             help="first evaluate the best configs of the recorded sweep SWEEP"),
+    top: int = typer.Option(3, help="with --warm-start: how many of its best configs"),
+    study_storage: Optional[str] = typer.Option(None, help="database URL of the Optuna study (default: "
+                                                "SQLite study.db beside the sweep's Tune state), e.g. "
+                                                "postgresql://user@host/db for a shared dashboard"),
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
     storage: Optional[str] = typer.Option(None, help=STORAGE_HELP),
     address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
@@ -220,7 +230,8 @@ def sweep(
     """Search METHOD's loss weights, timesteps and learning rate with Optuna in Ray Tune; every
     trial is a training run (in the trial's own process; a TorchTrainer with --workers > 1) and an
     MLflow child run of the sweep. With --tasks SEQUENCE every trial learns a whole lifelong
-    sequence and is ranked by the sequence's summary."""
+    sequence and is ranked by the sequence's summary. The Optuna study is kept (optuna-dashboard
+    opens it), and the sweep's report (orchestrate report) is logged on its MLflow run."""
     from orchestrator.config import parse_overrides, resolve, run_flags
     from orchestrator.lifelong import load_sequence, task_configs
     from orchestrator.names import check_name
@@ -230,9 +241,17 @@ def sweep(
     sequence = None
     task_cfg = None
     try:
-        for flag, value in (("--name", name), ("--resume", resume)):
+        for flag, value in (("--name", name), ("--resume", resume), ("--warm-start", warm_start)):
             if value is not None:
                 check_name(value, flag)
+        if study_storage is not None:
+            from orchestrator.study import check_study_url
+
+            check_study_url(study_storage)
+        if more is not None and more < 1:
+            raise ConfigError(f"--more {more}: expected a number of trials >= 1")
+        if warm_start is not None and not 1 <= top <= num_samples:
+            raise ConfigError(f"--top {top}: expected 1 to --num-samples ({num_samples}) configs of {warm_start}")
         overrides = parse_overrides(set_)
         overrides.update(run_flags({"--workers": ("run.num_workers", workers), "--steps": ("run.steps", steps)}))
         if tasks is not None:
@@ -272,7 +291,8 @@ def sweep(
         check_all(tracking_uri, storage)
         # unknown --resume target, a taken --name, a live lease, a bad name: refused before Ray starts
         sweep_name["name"] = check_sweep(resume or name, resume=resume is not None, base=base, sequence=sequence,
-                                         tracking_uri=tracking_uri, storage=storage)
+                                         tracking_uri=tracking_uri, storage=storage, more=more,
+                                         warm_start=warm_start)
         if resume:
             return base
         checked = early_source_check(base)
@@ -292,7 +312,8 @@ def sweep(
                             what="each trial")
         return run_sweep(checked_base, sp, settings, name=sweep_name["name"], resume=resume is not None,
                          tracking_uri=tracking_uri, storage=storage, sequence=sequence, overrides=overrides,
-                         task=task_cfg)
+                         task=task_cfg, study_storage=study_storage, more=more, warm_start=warm_start,
+                         warm_top=top)
 
     res = _session(address, body, preflight=checks)
     _print_sweep(res, res.settings, method)  # on --resume, the sweep's own stored settings
@@ -315,6 +336,10 @@ def _print_sweep(res, settings, method: str) -> None:
         console.print(f"[bold green]Pareto front[/] ({len(res.pareto)} trials): "
                       + "; ".join(t["trial_id"] for t in res.pareto))
     console.print(f"Sweep [bold]{res.name}[/]: MLflow parent run {res.parent_run_id}; Tune state {res.path}")
+    if res.study_url:
+        console.print(f"Optuna study: [bold]optuna-dashboard {res.study_url}[/]  ·  more trials: [bold]orchestrate "
+                      f"sweep {method} --resume {res.name} --more N[/]  ·  report: [bold]orchestrate report "
+                      f"{res.name}[/]", soft_wrap=True, highlight=False)
     console.print(f"Browse: [bold]{ui_hint(res.tracking_uri, res.experiment_id)}[/]  ·  best configs: "
                   f"[bold]orchestrate best {method}[/]", soft_wrap=True)
 
@@ -391,6 +416,33 @@ def best(
         console.print(f"Best config written to [bold]{path}[/]: orchestrate train {method} --config {path}")
     if register:
         _register(runs[0].info.run_id, register, tracking_uri)
+
+
+@app.command()
+def report(
+    sweep: str = typer.Argument(..., help="sweep name (as given to --name, or printed by the sweep)"),
+    out: Optional[Path] = typer.Option(None, help="folder for report.html and its PNGs (default: ./report-SWEEP)"),
+    top: int = typer.Option(4, min=1, help="how many of the best trials to show with their sample grids"),
+    experiment: Optional[str] = typer.Option(None, help="the sweep's MLflow experiment, when its name is in several"),
+    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+) -> None:
+    """What a sweep taught: history, parameter importances (fANOVA), parallel coordinates, the
+    Pareto front and the best trials' grids, as one HTML page (also logged on the sweep's run)."""
+    from orchestrator.names import DERIVED_MAX, check_name
+    from orchestrator.preflight import check_tracking_readable
+    from orchestrator.report import ReportError, report_sweep
+
+    try:
+        check_name(sweep, "SWEEP", DERIVED_MAX)  # the name goes into an MLflow filter string
+        check_tracking_readable(tracking_uri)
+        rep = report_sweep(sweep, tracking_uri=tracking_uri, out=out, top_k=top, experiment=experiment)
+    except (ConfigError, ReportError) as exc:
+        _fail(str(exc))
+    console.print(f"Report of sweep [bold]{sweep}[/] ({rep.finished} finished trial(s)): [bold]{rep.page}[/] "
+                  f"(also on the sweep's MLflow run under report/)", highlight=False)
+    for metric, imp in rep.importances.items():
+        ranked = ", ".join(f"{k} {v:.2f}" for k, v in imp.items())
+        console.print(f"  importances for {metric}: {ranked}", highlight=False)
 
 
 @app.command("pretrain-classifier")

@@ -10,14 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.names import NAME_MAX, DerivedName, check_name, did_you_mean
-from trainers.base import MethodConfig
-from trainers.registry import SOURCE_FAMILIES, check_family, get_method
+from trainers.registry import SOURCE_FAMILIES, check_family, get_method, method_family
+
+if TYPE_CHECKING:  # the methods (and torch) are imported when a method is used, not to read a task
+    from trainers.base import MethodConfig
 
 
 class ConfigError(ValueError):
@@ -427,8 +429,8 @@ def validate_resolved(data: dict[str, Any], where: str) -> ResolvedConfig:
 def resolve(method: str, task_file: str | Path | None = None, config_file: str | Path | None = None,
             overrides: dict[str, Any] | None = None) -> ResolvedConfig:
     """Build the resolved config of a run from a task file or an exported config file."""
-    try:
-        cls = get_method(method)
+    try:  # the key is checked from the registry's table; the method's module loads after the task
+        method_family(method)
     except KeyError as exc:
         raise ConfigError(str(exc.args[0])) from None
     if config_file is not None:
@@ -447,7 +449,7 @@ def resolve(method: str, task_file: str | Path | None = None, config_file: str |
         task = load_task(task_file, family=_family_of(method))
         resolved = validate_resolved(
             {"method": method, "task": task.model_dump(mode="json"),
-             "method_config": cls.Config().model_dump(mode="json"), "run": RunSettings().model_dump()},
+             "method_config": get_method(method).Config().model_dump(mode="json"), "run": RunSettings().model_dump()},
             str(task_file),
         )
     resolved = apply_overrides(resolved, overrides or {}) if overrides else resolved
@@ -465,5 +467,5 @@ def resolve(method: str, task_file: str | Path | None = None, config_file: str |
 
 def _family_of(method: str) -> str:
     """The source family a method adapts (for the built-in synthetic tasks)."""
-    fam = get_method(method).family
+    fam = method_family(method)
     return next(f for f, m in SOURCE_FAMILIES.items() if m == fam)

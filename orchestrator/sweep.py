@@ -39,6 +39,7 @@ from orchestrator.inputs import Inputs, data_sources, log_job_inputs, make_job, 
 from orchestrator.lease import Lease
 from orchestrator.launch import quiet_train_logs
 from orchestrator.redact import has_redacted, redact
+from orchestrator.report import TRIALS_FILE, report_on_run
 from orchestrator.storage import run_dir, storage_uri
 
 if TYPE_CHECKING:
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
 
 TAG_SWEEP = "orchestrate.sweep"
 TAG_TRIAL = "orchestrate.trial_id"
+# Rounds of --more run after the first; round k's Tune state is <sweep>/round<k>.
+TAG_ROUNDS = "orchestrate.rounds"
+TAG_WARM_START = "orchestrate.warm_start"
 # Tune writes its experiment state this often (s); a killed sweep resumes from it.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 # Ctrl-C is ours (orchestrator.interrupts): the sweep is recorded KILLED and can be resumed.
@@ -111,6 +115,7 @@ class SweepResult:
     settings: SweepSettings
     pareto: list[dict[str, Any]] | None = None
     progress: str = "step"  # what a trial's "step" column counts: steps, or tasks_learned
+    study_url: str | None = None  # the kept Optuna study (orchestrator.study)
 
 
 @dataclass
@@ -262,15 +267,24 @@ def sequence_trial(params: dict[str, Any], *, static: dict[str, Any]) -> None:
                  inputs=inputs, lease=False, launcher="inprocess")
 
 
-def _searcher(settings: SweepSettings):
+def _searcher(settings: SweepSettings, study: dict[str, Any] | None = None, round_no: int = 0,
+              points: list[dict[str, Any]] | None = None):
+    """Optuna in Tune, writing to the sweep's kept study (orchestrator.study) when it has one.
+    Round k of ``--more`` seeds its sampler with seed + k: the same seed would draw the same
+    random start-up configs as round 0 again."""
     from ray.tune.search.optuna import OptunaSearch
 
     from orchestrator.samplers import sweep_sampler
+    from orchestrator.study import open_storage
 
-    sampler = sweep_sampler(settings.multi_objective, settings.seed)
+    kwargs: dict[str, Any] = {"sampler": sweep_sampler(settings.multi_objective, settings.seed + round_no)}
+    if study is not None:
+        kwargs.update(storage=open_storage(study["url"]), study_name=study["name"])
+    if points:
+        kwargs["points_to_evaluate"] = points  # enqueued: the study's first trials (--warm-start)
     if settings.multi_objective:
-        return OptunaSearch(metric=settings.metrics, mode=settings.modes, sampler=sampler)
-    return OptunaSearch(metric=settings.metrics[0], mode=settings.modes[0], sampler=sampler)
+        return OptunaSearch(metric=settings.metrics, mode=settings.modes, **kwargs)
+    return OptunaSearch(metric=settings.metrics[0], mode=settings.modes[0], **kwargs)
 
 
 def _rungs(settings: SweepSettings, progress: Progress) -> list[int]:
@@ -311,11 +325,13 @@ def default_sweep_name(base: ResolvedConfig) -> str:
 
 
 def check_sweep(name: str | None, *, resume: bool, base: ResolvedConfig, sequence: SequenceConfig | None,
-                tracking_uri: str | None, storage: str | None) -> str:
+                tracking_uri: str | None, storage: str | None, more: int | None = None,
+                warm_start: str | None = None) -> str:
     """Every refusal a sweep can decide before Ray starts, creating nothing: its name (``--resume``,
     ``--name`` or the default) follows the name rule (``orchestrator.names``) and its folder stays
     under the run storage; ``--resume`` names a sweep that MLflow and Tune's state both know; a new
-    ``--name`` is not taken; no live invocation holds the sweep's lease. Returns the name
+    ``--name`` is not taken; no live invocation holds the sweep's lease; ``--more`` continues a
+    FINISHED sweep that kept its study; ``--warm-start`` names a sweep with recorded trials. Returns the name
     (``run_sweep`` checks again once Ray is up: another invocation may have come in between)."""
     from orchestrator import lease
     from orchestrator.lifelong import experiment_name
@@ -339,9 +355,23 @@ def check_sweep(name: str | None, *, resume: bool, base: ResolvedConfig, sequenc
 
         if not Tuner.can_restore(sweep_path):
             raise ConfigError(f"--resume {name}: no Tune state at {sweep_path}")
+        if more is not None:
+            state = json.loads(_download_text(uri, parent.info.run_id, "sweep.json"))
+            check_more(name, parent, state.get("study"), state["space"], more)
+    elif more is not None:
+        raise ConfigError(f"--more {more}: adds trials to a sweep: give --resume NAME")
     elif parent is not None:
         lease.check_free(parent, f"sweep {name!r} (MLflow run {parent.info.run_id})")
         raise ConfigError(f"--name {name}: a sweep of that name exists; use --resume {name} or another name")
+    if warm_start is not None:
+        if resume:
+            raise ConfigError(f"--warm-start {warm_start}: starts a new sweep; a resumed one keeps its own history")
+        from orchestrator.report import ReportError, recorded_trials
+
+        try:
+            recorded_trials(uri, warm_start)
+        except ReportError as exc:
+            raise ConfigError(f"--warm-start {warm_start}: {exc}") from None
     return name
 
 
@@ -359,13 +389,20 @@ def _restore_secrets(stored: ResolvedConfig, task: TaskConfig | None, where: str
 def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettings, *,
               name: str | None = None, resume: bool = False, tracking_uri: str | None = None,
               storage: str | None = None, verbose: int = 1, sequence: SequenceConfig | None = None,
-              overrides: dict[str, Any] | None = None, task: TaskConfig | None = None) -> SweepResult:
+              overrides: dict[str, Any] | None = None, task: TaskConfig | None = None,
+              study_storage: str | None = None, more: int | None = None, warm_start: str | None = None,
+              warm_top: int = 3) -> SweepResult:
     """Sweep ``space`` around ``base``. With ``sequence`` (a ``SequenceConfig``) every trial
     learns the whole lifelong sequence (``base`` is then its first task's config, ``overrides``
     the fixed ones of every task) and the objective is the sequence's summary
     (``avg_final_fid_domain`` by default): the sweep lives in the sequence's MLflow experiment.
-    ``task``: on ``resume``, the task file given again (it restores redacted storage options)."""
+    ``task``: on ``resume``, the task file given again (it restores redacted storage options).
+    ``study_storage``: the Optuna study's database URL (default: SQLite beside the sweep, see
+    orchestrator.study); ``more``: with ``resume``, a new round of that many trials in the same
+    study; ``warm_start``: a recorded sweep whose ``warm_top`` best configs are evaluated first."""
     from ray import tune
+
+    from orchestrator import study as studies
 
     from orchestrator.lifelong import SequenceConfig, experiment_name
 
@@ -385,6 +422,13 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
         if not tune.Tuner.can_restore(sweep_path):
             raise ConfigError(f"--resume {name}: no Tune state at {sweep_path}")
         state = json.loads(_download_text(uri, parent.info.run_id, "sweep.json"))
+        study = state.get("study")
+        check_more(name, parent, study, state["space"], more)
+        if study_storage is not None and (study is None or study_storage != study["url"]):
+            raise ConfigError(f"--study-storage: sweep {name} keeps its study at "
+                              f"{study['url'] if study else '(none: an older sweep)'}; a resumed sweep cannot move it")
+        round_no = int(parent.data.tags.get(TAG_ROUNDS, "0"))
+        points = None
         base = _restore_secrets(ResolvedConfig.model_validate(state["base"]), task, f"--resume {name}")
         space = state["space"]
         settings = SweepSettings(**state["settings"])
@@ -401,9 +445,18 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
     elif parent is not None:
         raise ConfigError(f"--name {name}: a sweep of that name exists; use --resume {name} or another name")
     else:
+        round_no = 0
+        study = None
+        if any(isinstance(v, dict) for v in space.values()):  # a space of constants needs no Optuna
+            url, copy = ((studies.check_study_url(study_storage), None) if study_storage
+                         else studies.default_location(sweep_path))
+            study = {"url": url, "copy": copy, "name": name}
+        points = None
+        if warm_start is not None:
+            points = warm_start_config(uri, warm_start, warm_top, space, base, settings)
         parent_id = tracking.start_run(uri, exp_id, name, tags={
             tracking.TAG_KIND: "sweep", tracking.TAG_TASK: sequence.name if sequence is not None else base.task.name,
-            tracking.TAG_METHOD: base.method})
+            tracking.TAG_METHOD: base.method, **({TAG_WARM_START: warm_start} if warm_start else {})})
     lease = Lease(uri, parent_id, f"sweep {name!r} (MLflow run {parent_id})").acquire()
     interrupts.current(f"sweep {name}", f"orchestrate sweep {shlex.quote(base.method)} --resume {shlex.quote(name)}"
                        + (" --tasks <sequence file>" if sequence is not None else ""))
@@ -419,26 +472,92 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
             tracking.log_text(uri, parent_id, json.dumps(redact({
                 "base": base.model_dump(mode="json"), "space": space, "settings": settings.__dict__,
                 "sequence": sequence.model_dump(mode="json") if sequence is not None else None,
-                "overrides": overrides or {}}), indent=2), "sweep.json")
+                "overrides": overrides or {}, "study": study,
+                "warm_start": {"sweep": warm_start, "top": warm_top, "points": points} if warm_start else None}),
+                indent=2), "sweep.json")
             tracking.log_text(uri, parent_id, base.to_yaml(), "base_config.yaml")
-        result = _fit(base, space, settings, name=name, resume=resume, uri=uri, storage=storage,
+        if study is not None:
+            studies.pull_copy(study["url"], study["copy"])  # a resume on another machine
+        if more:
+            round_no += 1
+            tracking.client(uri).set_tag(parent_id, TAG_ROUNDS, str(round_no))
+        result = _fit(base, space, settings, name=name, resume=resume and not more, uri=uri, storage=storage,
                       exp_id=exp_id, parent_id=parent_id, sweep_path=sweep_path, verbose=verbose,
-                      sequence=sequence, overrides=overrides or {})
+                      sequence=sequence, overrides=overrides or {}, study=study, round_no=round_no,
+                      more=more, points=points)
     except KeyboardInterrupt:
         _end_open_runs(uri, exp_id, parent_id, "KILLED")
+        _save_study(study)
         lease.release()
         raise
     except BaseException:
         _end_open_runs(uri, exp_id, parent_id, interrupts.status_after_error())
+        _save_study(study)
         lease.release()
         raise
+    _save_study(study)
     lease.release()
     return result
 
 
+def _save_study(study: dict[str, Any] | None) -> None:
+    """Copy a driver-local SQLite study to the sweep's remote folder (orchestrator.study)."""
+    if study is None or not study.get("copy"):
+        return
+    from orchestrator.study import push_copy
+
+    try:
+        push_copy(study["url"], study["copy"])
+    except Exception as exc:  # noqa: BLE001 (the sweep's outcome stands; say what was not copied)
+        print(f"[orchestrate] warning: the study {study['url']} was not copied to {study['copy']} "
+              f"({type(exc).__name__}: {exc})", flush=True)
+
+
+def check_more(name: str, parent, study: dict[str, Any] | None, space: dict[str, Any], more: int | None) -> None:
+    """``--more N`` continues a FINISHED sweep that keeps its study (an older sweep's sampler
+    history is lost with its driver: it can seed a new sweep with --warm-start instead)."""
+    if not more:
+        return
+    if more < 1:
+        raise ConfigError(f"--more {more}: expected a number of trials >= 1")
+    if parent.info.status != "FINISHED":
+        raise ConfigError(f"--resume {name} --more {more}: the sweep is {parent.info.status}, not FINISHED; "
+                          f"resume it first without --more")
+    if study is None and any(isinstance(v, dict) for v in space.values()):
+        raise ConfigError(f"--more: sweep {name} kept no Optuna study (it ran before studies were kept); "
+                          f"start a new sweep with --warm-start {name}")
+
+
+def warm_start_config(uri: str, old: str, top: int, space: dict[str, Any], base: ResolvedConfig,
+                      settings: SweepSettings) -> list[dict[str, Any]]:
+    """The old sweep's ``top`` best configs as this sweep's first points (orchestrator.study)."""
+    from orchestrator.report import ReportError, rank_trials, recorded_trials
+    from orchestrator.study import warm_start_points
+
+    if top < 1:
+        raise ConfigError(f"--top {top}: expected >= 1")
+    if top > settings.num_samples:
+        raise ConfigError(f"--warm-start {old} --top {top}: more configs than --num-samples {settings.num_samples}")
+    if not any(isinstance(v, dict) for v in space.values()):
+        raise ConfigError(f"--warm-start {old}: this sweep's space samples nothing")
+    try:
+        trials, state = recorded_trials(uri, old)
+    except ReportError as exc:
+        raise ConfigError(f"--warm-start {old}: {exc}") from None
+    old_settings = state["settings"]
+    ranked = rank_trials(trials, list(old_settings["metrics"]), list(old_settings["modes"]), top)
+    if not ranked:
+        raise ConfigError(f"--warm-start {old}: the sweep has no FINISHED trial with {old_settings['metrics'][0]}")
+    points, notes = warm_start_points(ranked, space, base.flat_params())
+    for note in notes:
+        print(f"[orchestrate] --warm-start {old}: {note}", flush=True)
+    return points
+
+
 def _fit(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettings, *, name: str, resume: bool,
          uri: str, storage: str, exp_id: str, parent_id: str, sweep_path: str, verbose: int,
-         sequence, overrides: dict[str, Any]) -> SweepResult:
+         sequence, overrides: dict[str, Any], study: dict[str, Any] | None = None, round_no: int = 0,
+         more: int | None = None, points: list[dict[str, Any]] | None = None) -> SweepResult:
     from ray import tune
 
     from orchestrator.lifelong import prepare_sequence, task_configs
@@ -471,31 +590,44 @@ def _fit(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettings, *
     trainable = tune.with_resources(functools.partial(driver, static=static), resources)
     trial_ids: dict[str, str] = {}
     callbacks = [_trial_status_callback(uri, exp_id, parent_id, progress, trial_ids)]
+    # round 0 is Tune's experiment <storage>/<name>; round k of --more is <storage>/<name>/round<k>
+    round_path, round_name, round_root = ((sweep_path, name, storage) if round_no == 0 else
+                                          (f"{sweep_path}/round{round_no}", f"round{round_no}", sweep_path))
     if resume:
-        tuner = tune.Tuner.restore(sweep_path, trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(round_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
     else:
         tuner = tune.Tuner(
             trainable, param_space=to_tune(space),
             tune_config=tune.TuneConfig(
                 # a space of constants only (e.g. repeated runs) needs no Optuna
-                search_alg=_searcher(settings) if any(isinstance(v, dict) for v in space.values()) else None,
-                scheduler=_scheduler(settings, progress), num_samples=settings.num_samples,
+                search_alg=(_searcher(settings, study, round_no, points)
+                            if any(isinstance(v, dict) for v in space.values()) else None),
+                scheduler=_scheduler(settings, progress), num_samples=more or settings.num_samples,
                 max_concurrent_trials=settings.max_concurrent, reuse_actors=workers == 1),
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=verbose,
+            run_config=tune.RunConfig(name=round_name, storage_path=round_root, callbacks=callbacks,
+                                      verbose=verbose,
                                       failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
         )
     grid = tuner.fit()
     trials = _collect_trials(grid, progress, settings, trial_ids)
-    if resume:
+    if round_no > 0:  # the earlier rounds' trials, as the last round recorded them
+        this = {t["trial_id"] for t in trials}
+        earlier = json.loads(_download_text(uri, parent_id, TRIALS_FILE))
+        trials = [t for t in earlier if t["trial_id"] not in this] + trials
+    if resume or round_no > 0:
         # a trial that never reported is known by its folder, whose name holds its id
         known = [t["trial_id"] for t in trials] + [Path(str(grid[i].path)).name for i in range(len(grid))]
         _retire_orphans(uri, exp_id, parent_id, known)
+    if study is not None:
+        _close_orphan_study_trials(study)
     best = _best(trials, settings) if not settings.multi_objective else None
     pareto = pareto_front(trials, settings.metrics, settings.modes) if settings.multi_objective else None
     _record_parent(uri, parent_id, trials, best, pareto, settings)
+    _report(uri, exp_id, parent_id, name, trials, space, settings)
     tracking.end_run(uri, parent_id, "FINISHED")
-    return SweepResult(name, parent_id, exp_id, uri, sweep_path, trials, best, settings, pareto, progress.attr)
+    return SweepResult(name, parent_id, exp_id, uri, sweep_path, trials, best, settings, pareto, progress.attr,
+                       study["url"] if study else None)
 
 
 def _retire_orphans(uri: str, exp_id: str, parent_id: str, known: list[str]) -> None:
@@ -515,6 +647,19 @@ def _retire_orphans(uri: str, exp_id: str, parent_id: str, known: list[str]) -> 
         c.delete_run(run.info.run_id)
         print(f"trial {trial_id}: started just before the sweep was killed and unknown to Tune's saved "
               f"state; its MLflow run {run.info.run_id} is marked deleted (restorable)")
+
+
+def _close_orphan_study_trials(study: dict[str, Any]) -> None:
+    """Once Tune has no trial left running, a RUNNING trial in the study is one that the killed
+    driver asked Optuna for after Tune's last saved state (Tune proposes it again as a new
+    trial): it is told FAIL so the study and the dashboard do not show it running forever."""
+    from optuna.trial import TrialState
+
+    from orchestrator.study import load
+
+    st = load(study["url"], study["name"])
+    for t in st.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        st.tell(t.number, state=TrialState.FAIL)
 
 
 def _end_open_runs(uri: str, exp_id: str, parent_id: str, status: str) -> None:
@@ -596,6 +741,8 @@ def _record_parent(uri: str, parent_id: str, trials, best, pareto, settings: Swe
         w.writerow([t["trial_id"], t["status"], t["step"], *[t.get(m) for m in settings.metrics],
                     *[t["config"].get(k) for k in keys]])
     c.log_text(parent_id, buf.getvalue(), "results.csv")
+    # the same, typed (orchestrate report reads it back into an Optuna study)
+    tracking.log_text(uri, parent_id, json.dumps(trials, indent=1, default=str), TRIALS_FILE)
     c.set_tag(parent_id, "orchestrate.num_trials", str(len(trials)))
     if best is not None:
         metrics = {f"best_{m}": best[m] for m in settings.metrics if best.get(m) is not None}
@@ -604,10 +751,22 @@ def _record_parent(uri: str, parent_id: str, trials, best, pareto, settings: Swe
         buf.flush()
         c.set_tag(parent_id, "orchestrate.best_trial", best["trial_id"])
         tracking.log_text(uri, parent_id, json.dumps(best["config"], indent=2), "best_config.json")
-        tracking.log_params(uri, parent_id, {f"best.{k}": str(v) for k, v in best["config"].items()})
+        for k, v in best["config"].items():  # tags, not params: a round of --more may change the best
+            c.set_tag(parent_id, f"best.{k}", str(v))
     if pareto is not None:
         tracking.log_text(uri, parent_id, json.dumps(pareto, indent=2, default=str), "pareto_front.json")
     _plot(uri, parent_id, trials, settings, pareto)
+
+
+def _report(uri: str, exp_id: str, parent_id: str, name: str, trials, space: dict[str, Any],
+            settings: SweepSettings) -> None:
+    """The sweep's report (orchestrator.report) on its parent run. The trials are recorded
+    already: a report that cannot be drawn is a warning, not a failed sweep."""
+    try:
+        report_on_run(uri, exp_id, parent_id, name, trials, space, settings.metrics, settings.modes)
+    except Exception as exc:  # noqa: BLE001 (matplotlib/Optuna edge cases must not fail a finished sweep)
+        print(f"[orchestrate] warning: the report of sweep {name} was not written ({type(exc).__name__}: {exc}); "
+              f"orchestrate report {name} tries again", flush=True)
 
 
 def _plot(uri: str, parent_id: str, trials, settings: SweepSettings, pareto) -> None:

@@ -101,6 +101,9 @@ def head(tiny_sources):
         h.env.update({"MLFLOW_TRACKING_URI": f"sqlite:///{h.base / 'mlflow.db'}", "ORCHESTRATE_STORAGE": str(h.base / "runs"),
                       "ORCHESTRATE_CACHE": str(h.base / "cache"), "ORCHESTRATE_OFFLINE": "1",
                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"})
+        # the schema is made once, as a cluster's MLflow server has it before any job: a job's
+        # driver and this test opening a new SQLite file at the same moment race in its migration
+        tracking.client(h.env["MLFLOW_TRACKING_URI"]).search_experiments()
         h.start("--num-cpus=2")
         yield h
     finally:
@@ -113,12 +116,15 @@ def client_env(h: IsolatedHead) -> dict:
 
 
 def jobs_client(h: IsolatedHead, monkeypatch):
-    """The test's own view of the job (status, logs), with the cluster's token."""
+    """The test's own view of the job (status, logs), with the cluster's token. The token goes in
+    an explicit Authorization header: Ray's token loader reads RAY_AUTH_TOKEN once per process and
+    keeps it, and this pytest process may already have loaded another (or none) for an earlier
+    Ray instance of the session; a header the caller gives is sent as is."""
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", h.token)
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(h.dashboard)
+    return JobSubmissionClient(h.dashboard, headers={"Authorization": f"Bearer {h.token}"})
 
 
 def train_args(h: IsolatedHead, name: str, steps: int) -> list[str]:

@@ -78,7 +78,20 @@ def test_sweep_asha_failed_trial_best_and_export(ray_local, workspace):
     assert by_trial[best_trial].info.status == "FINISHED"
     assert "best_loss" in parent.data.metrics
     arts = {a.path for a in tracking.client(uri).list_artifacts(parent.info.run_id)}
-    assert {"results.csv", "metric_across_trials.png", "sweep.json", "best_config.json"} <= arts
+    assert {"results.csv", "trials.json", "metric_across_trials.png", "sweep.json", "best_config.json", "report"} <= arts
+    logged = {a.path for a in tracking.client(uri).list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/importances.json", "report/history_loss.png"} <= logged, logged
+
+    # the report again, after the fact, into a folder of the user's
+    rep = cli("report", "s1", "--tracking-uri", "sqlite:///mlflow.db", "--out", "rep", "--top", "2")
+    assert rep.exit_code == 0, rep.output
+    page = (workspace / "rep" / "report.html").read_text()
+    assert "Top 2 trials" in page and best_trial in page and "data:image/png;base64," in page
+    assert "Their samples" in page  # the best trials' final grids, embedded
+    finished = statuses.count("FINISHED")
+    assert ("importances for loss" in rep.output) == (finished >= 3), (finished, rep.output)
+    missing = cli("report", "no-such-sweep", "--tracking-uri", "sqlite:///mlflow.db")
+    assert missing.exit_code == 2 and "no sweep named 'no-such-sweep'" in " ".join(missing.output.split())
 
     out = cli("best", "ddpm_finetune", "--metric", "loss", "--mode", "min", "--tracking-uri",
               "sqlite:///mlflow.db", "--top", "3", "--export", "best.yaml")
@@ -107,6 +120,8 @@ def test_multi_objective_sweep_reports_a_pareto_front(ray_local, workspace):
     parent = parent_run(uri, "mo")
     front = yaml.safe_load(open(tracking.client(uri).download_artifacts(parent.info.run_id, "pareto_front.json")))
     assert 1 <= len(front) <= 4
+    logged = {a.path for a in tracking.client(uri).list_artifacts(parent.info.run_id, "report")}
+    assert "report/pareto_front.png" in logged, logged
     assert all(k.info.status == "FINISHED" for k in children(uri, parent.info.run_id))
 
 
@@ -153,6 +168,20 @@ def test_killed_sweep_resumes_with_every_trial_once(ray_local, workspace):
             assert "orchestrate.resumed" not in k.data.tags
     rows = open(tracking.client(uri).download_artifacts(parent.info.run_id, "results.csv")).read().splitlines()[1:]
     assert sorted(r.split(",")[0] for r in rows) == sorted(ids)  # and exactly once in Tune's results
+    # the kept Optuna study holds every trial with its params and value; none is left RUNNING
+    from optuna.trial import TrialState
+
+    _, trials = recorded(uri, "killed")
+    study = study_trials(workspace, "killed")
+    done = {round(t.params["lr"], 15): t.values[0] for t in study if t.state == TrialState.COMPLETE}
+    assert sorted(done) == pytest.approx(sorted(t["config"]["lr"] for t in trials))
+    for t in trials:
+        # A trial RUNNING in MLflow at the kill may have been told COMPLETE to Optuna in the last
+        # seconds, after Tune's last saved state: resumed, its second report cannot be told again
+        # (Optuna's finished trials are final) and the study keeps the first one.
+        if before.get(t["trial_id"]) != "RUNNING":
+            assert done[round(t["config"]["lr"], 15)] == pytest.approx(t["loss"]), t
+    assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in study)
 
 
 def test_ddpm_pa_sweep_with_its_default_space_and_objective(ray_local, workspace):
@@ -172,3 +201,60 @@ def test_ddpm_pa_sweep_with_its_default_space_and_objective(ray_local, workspace
     best_id = parent.data.tags["orchestrate.best_trial"]
     out = cli("best", "ddpm_pa", "--tracking-uri", "sqlite:///mlflow.db")
     assert out.exit_code == 0 and best_id in out.output and "fid_domain" in out.output
+
+
+def study_trials(workspace, name):
+    """The kept Optuna study of sweep ``name`` (runs/NAME/study.db): trial -> (state, params, values)."""
+    from orchestrator.study import load
+
+    st = load(f"sqlite:///{workspace / 'runs' / name / 'study.db'}", name)
+    return st.get_trials(deepcopy=False)
+
+
+def recorded(uri, name):
+    parent = parent_run(uri, name)
+    import json
+
+    return parent, json.loads(open(tracking.client(uri).download_artifacts(parent.info.run_id, "trials.json")).read())
+
+
+def test_the_study_is_kept_continued_with_more_and_warm_starts_a_new_sweep(ray_local, workspace):
+    from optuna.trial import TrialState
+
+    task = write_tiny_task(workspace)
+    space = write_space(workspace, {"lr": {"loguniform": [1e-5, 3e-3]}, "ema_decay": None, "weight_decay": None})
+    fast = ["--scheduler", "fifo", "--metric", "loss", "--set", "run.steps=10", "--set", "run.report_every=5"]
+    res = cli(*sweep_args(task, space, "--num-samples", "3", "--name", "kept", *fast))
+    assert res.exit_code == 0, res.output
+    assert "optuna-dashboard sqlite:///" in " ".join(res.output.split())
+    uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
+    _, trials = recorded(uri, "kept")
+    study = study_trials(workspace, "kept")
+    assert [t.state for t in study] == [TrialState.COMPLETE] * 3
+    assert sorted(t.params["lr"] for t in study) == pytest.approx(sorted(t["config"]["lr"] for t in trials))
+    assert sorted(t.values[0] for t in study) == pytest.approx(sorted(t["loss"] for t in trials))
+
+    # exactly N more, in the same study: the new round's sampler sees the first three
+    res = cli("sweep", "ddpm_finetune", "--resume", "kept", "--more", "2", *URI_ARGS)
+    assert res.exit_code == 0, res.output
+    parent, trials = recorded(uri, "kept")
+    assert parent.info.status == "FINISHED" and parent.data.tags["orchestrate.rounds"] == "1"
+    assert len(trials) == 5 and len({t["trial_id"] for t in trials}) == 5
+    assert len(children(uri, parent.info.run_id)) == 5
+    study = study_trials(workspace, "kept")
+    assert [t.state for t in study] == [TrialState.COMPLETE] * 5
+    assert (workspace / "runs" / "kept" / "round1").is_dir()
+    assert len({round(t.params["lr"], 12) for t in study}) == 5  # round 1 did not redraw round 0's start-up
+    again = cli("sweep", "ddpm_finetune", "--resume", "kept", "--more", "0", *URI_ARGS)
+    assert again.exit_code == 2 and "--more 0" in again.output
+
+    # a new sweep that starts from the old one's two best configs
+    best2 = sorted(trials, key=lambda t: t["loss"])[:2]
+    res = cli(*sweep_args(task, space, "--num-samples", "3", "--name", "warm", "--warm-start", "kept", "--top", "2",
+                          *fast))
+    assert res.exit_code == 0, res.output
+    parent, warm = recorded(uri, "warm")
+    assert parent.data.tags["orchestrate.warm_start"] == "kept"
+    first = sorted(study_trials(workspace, "warm"), key=lambda t: t.number)[:2]
+    assert [t.params["lr"] for t in first] == pytest.approx([t["config"]["lr"] for t in best2])
+    assert len(warm) == 3
