@@ -613,7 +613,12 @@ def _fit(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettings, *
     trials = _collect_trials(grid, progress, settings, trial_ids)
     if round_no > 0:  # the earlier rounds' trials, as the last round recorded them
         this = {t["trial_id"] for t in trials}
-        earlier = json.loads(_download_text(uri, parent_id, TRIALS_FILE))
+        try:
+            earlier = json.loads(_download_text(uri, parent_id, TRIALS_FILE))
+        except Exception:  # noqa: BLE001 (a sweep recorded before trials.json existed: its table is Tune's)
+            earlier = []
+            print(f"[orchestrate] sweep {name}: no {TRIALS_FILE} from earlier rounds; the table lists this round's "
+                  "trials", flush=True)
         trials = [t for t in earlier if t["trial_id"] not in this] + trials
     if resume or round_no > 0:
         # a trial that never reported is known by its folder, whose name holds its id

@@ -61,18 +61,27 @@ def _quiet_store_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# MLflow 3's UI opens an experiment by its kind: a model-training one shows the runs table, the
+# metric and image charts (runs' grids side by side at a step) and the models; without the tag
+# the UI guesses, and on an experiment with no traces it may open the GenAI overview instead.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def get_or_create_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
     c = client(tracking_uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        if not all(exp.tags.get(k) for k in EXPERIMENT_KIND):  # one made by an older version
+            for k, v in EXPERIMENT_KIND.items():
+                c.set_experiment_tag(exp.experiment_id, k, v)
         return exp.experiment_id
     location = artifact_location or default_artifact_root(tracking_uri)
     if location and location.startswith("file:"):
         location = location.rstrip("/") + "/" + name
     try:
-        return c.create_experiment(name, artifact_location=location)
+        return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created concurrently by another driver
         exp = c.get_experiment_by_name(name)
         if exp is None:

@@ -149,6 +149,7 @@ class Cluster:
             "HOME": "/tmp/home", "ORCHESTRATE_CACHE": "/tmp/cache", "PYTHONUNBUFFERED": "1",
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool",  # as cluster.yaml runs the server
             "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "AWS_ENDPOINT_URL": s3_endpoint,
         })
         self.storage = f"s3://{bucket}/runs"

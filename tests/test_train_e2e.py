@@ -67,6 +67,9 @@ def _check_mlflow_idioms(uri: str, c, run, task) -> None:
     from orchestrator.models import resolve_model
     from trainers.generate import SampleOptions, open_model
 
+    # the experiment opens in MLflow 3's model-training view (runs, charts, images), not GenAI's
+    assert c.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
     run = c.get_run(run.info.run_id)
     tags = run.data.tags
     assert tags["mlflow.source.name"]  # the command (under pytest: its own argv)
