@@ -21,6 +21,9 @@ random uint8 images, each through its own API's preprocessing, and compare the o
 Only ``trainers.metrics.inception`` and ``trainers.metrics.lpips`` (and the three small modules they
 import) are loaded from the working tree: the ``trainers`` / ``trainers.metrics`` package
 ``__init__`` files are bypassed with bare package stubs so nothing else of the project is imported.
+The project is not installed in that venv, and it need not be on its import path either (no
+``PYTHONPATH``, no ``sys.path`` edit): the stubs' ``__path__`` point at this file's working tree,
+so the two ports and their imports resolve there.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import datetime as _dt
 import hashlib
 import importlib
 import importlib.metadata as md
-import os
 import platform
 import sys
 import types
@@ -49,7 +51,6 @@ OUT_MD = REPO / "benchmarks" / "results" / "ports.md"
 # our ports, imported from the working tree without running the package __init__ files
 # --------------------------------------------------------------------------------------------------
 def import_ports():
-    sys.path.insert(0, str(REPO))
     for name, path in (("trainers", REPO / "trainers"), ("trainers.metrics", REPO / "trainers" / "metrics")):
         if name not in sys.modules:
             pkg = types.ModuleType(name)

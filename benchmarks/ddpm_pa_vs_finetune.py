@@ -57,8 +57,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,10 +69,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from orchestrator.artifacts import ArtifactRef, fetch, publish, publish_array  # noqa: E402
 from orchestrator.config import PretrainSpec, RunSettings, TaskConfig, builtin_task, resolve  # noqa: E402
@@ -96,29 +90,37 @@ from trainers.diffusion.backbone import ddim_sample, load_source  # noqa: E402
 from trainers.metrics import MissingWeightsError, ReferenceStats, available_extractors, evaluate  # noqa: E402
 from trainers.perf import DevicePerf  # noqa: E402
 from trainers.registry import pretrainer  # noqa: E402
-from loop_runs import install, log, mean_std, node_cache, reload, run_row, same_images  # noqa: E402  (benchmarks/)
+from common import (  # noqa: E402  (benchmarks/common.py)
+    RESULTS,
+    SAMPLE_SEED_OFFSET,
+    Clock,
+    command_line,
+    fmt,
+    install,
+    log,
+    machine_description,
+    md_table,
+    mean_std,
+    node_cache,
+    phase_rows,
+    pick_device,
+    read_result,
+    reload,
+    run_row,
+    same_images,
+    settings_of,
+    text_table,
+)
 
 METHODS = ("ddpm_finetune", "ddpm_pa")
 FID_TOLERANCE = 0.10  # "similar quality": PA's FID at most 10 % above fine-tuning's (mean of per-seed ratios)
 METRICS = [("fid_domain", "↓"), ("kid_domain", "↓"), ("intra_dist_domain", "↑"), ("intra_lpips_vgg", "↑")]
 SHOT_DRAW_OFFSET = 100  # --vary-shots: shot draw = 100 + seed (never the reference set's draw)
-SAMPLE_SEED_OFFSET = 12345  # the loop's evaluation protocol: sampling noise seed = seed + 12345
 REPORT_EVERY = 50  # adaptation runs: steps per report of the loop (a log line; the training terms' window)
 # What the loop's final report holds besides the evaluation's metrics and the training terms
 # (and its phase timings, time_<phase>_s).
 LOOP_EVAL_KEYS = {"target_rate_domain", "eval_seconds"}  # the loop's evaluation adds these to evaluate()'s
 LOOP = "orchestrator.loop.run_loop in this process (StoreSession)"  # the result's "loop": who trained
-
-
-class Clock:
-    """Wall and process-CPU seconds of a phase (CPU time is robust to other jobs on the machine)."""
-
-    def __init__(self) -> None:
-        self.wall = time.perf_counter()
-        self.cpu = time.process_time()
-
-    def elapsed(self) -> tuple[float, float]:
-        return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
 class Progress:
@@ -221,14 +223,6 @@ def adapt(method: str, folder: Path, source: ArtifactRef, encoder: ArtifactRef, 
 # ------------------------------------------------------------------------------------------------
 # statistics, verdict, output
 # ------------------------------------------------------------------------------------------------
-def fmt(values: list[float], digits: int = 4) -> str:
-    m, s = mean_std(values)
-    if not math.isfinite(m):
-        return "n/a"
-    g = f"{{:.{digits}g}}"
-    return g.format(m) if not math.isfinite(s) else f"{g.format(m)} ± {g.format(s)}"
-
-
 def verdict(runs: dict[str, list[dict[str, float]]]) -> tuple[bool, str, dict[str, float]]:
     """Did DDPM-PA keep more diversity than fine-tuning at similar quality? Computed, per the
     rule in the module docstring; returns (answer, sentence, the numbers behind it)."""
@@ -270,12 +264,7 @@ def table(rows: list[tuple[str, list[dict[str, float]]]], columns: list[tuple[st
         body.append(cells)
     body.append(["ratio pa/finetune"] + [fmt(ratios[k], 3) for k, _ in columns]
                 + [fmt(ratios["s_per_step"], 3), fmt(ratios["cpu_s_per_step"], 3)])
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(c) + " |" for c in body]
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head] + body)
+    return md_table(head, body) if markdown else text_table(head, body)
 
 
 def save_grid(images: torch.Tensor, path: Path, cols: int, scale: int = 1, pad: int = 1) -> None:
@@ -309,7 +298,7 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="override the task's pretraining steps (a different cache folder)")
     p.add_argument("--vary-shots", action="store_true", help="draw a new 10-shot set per seed")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--grid", type=int, default=16, help="images in each sample grid PNG (8 a row)")
@@ -326,12 +315,11 @@ def parse_args(argv=None):
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.report_only:
-        result = json.loads((args.out / "ddpm_pa_vs_finetune.json").read_text())
+        result = read_result(args.out / "ddpm_pa_vs_finetune.json")
         report(result, args.out)
         return result
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     t_start = Clock()
     started = _dt.datetime.now().astimezone()
     load_start = os.getloadavg()
@@ -451,19 +439,15 @@ def main(argv=None) -> dict[str, Any]:
     for key, imgs in grids.items():
         save_grid(imgs, args.out / f"ddpm_pa_vs_finetune_{key}_seed{args.seeds[0]}.png", cols=8)
 
-    cmd = "python benchmarks/ddpm_pa_vs_finetune.py" + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    machine = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-               f"torch {torch.__version__}, device {device}"
-               + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-               + f", {args.threads} torch threads; load average {load_start[0]:.1f} at start, "
-               f"{load_end[0]:.1f} at the end (other jobs shared the cores: wall times are noisy, "
+    cmd = command_line("ddpm_pa_vs_finetune", argv)
+    machine = (machine_description(device) + f", {args.threads} torch threads; load average {load_start[0]:.1f} "
+               f"at start, {load_end[0]:.1f} at the end (other jobs shared the cores: wall times are noisy, "
                "CPU times less so)")
     ft, pa = runs["ddpm_finetune"], runs["ddpm_pa"]
     ratio_keys = [k for k, _ in columns] + ["s_per_step", "cpu_s_per_step"]
     result = {
         "command": cmd, "date": started.isoformat(), "wall_s": wall_total, "cpu_s": cpu_total,
-        "machine": machine, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine, "settings": settings_of(args),
         "task": task.model_dump(mode="json"), "lpips_note": lpips_note, "columns": [k for k, _ in columns],
         "source": source_info, "phases": phases, "loop": LOOP,
         "source_rows": source_rows, "real_rows": real_rows, "runs": runs,
@@ -509,8 +493,7 @@ def report(result: dict[str, Any], out: Path) -> None:
     shots_txt = (f"a new draw per seed (synthetic draw {SHOT_DRAW_OFFSET} + seed)" if st.get("vary_shots") else
                  f"the task's ten shots, fixed (draw {t.seed}; the images the CLI trains on); "
                  "the seed varies training and sampling noise")
-    phase_lines = "\n".join(f"| {k} | {v['wall_s'] / 60:.1f} | {v['cpu_s'] / 60:.1f} |"
-                            for k, v in result["phases"].items())
+    phase_lines = phase_rows(result["phases"])
     loss_keys = [k for k in ("train_loss_simple", "train_loss_img", "train_loss_hf", "train_loss_hfmse",
                              "train_loss", "train_grad_norm") if any(k in r for r in ft + pa)]
     loss_lines = "\n".join(

@@ -56,11 +56,9 @@ import argparse
 import datetime as _dt
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -72,10 +70,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from orchestrator.artifacts import fetch, load_array, publish, publish_array  # noqa: E402
 from orchestrator.config import RunSettings, resolve  # noqa: E402
@@ -93,10 +87,24 @@ from trainers.diffusion.dual_output import split_output  # noqa: E402
 from trainers.metrics import DomainEncoder, ReferenceStats, evaluate, train_domain_encoder  # noqa: E402
 from trainers.metrics.domain_classifier import DomainClassifier  # noqa: E402
 from trainers.registry import get_method, pretrainer  # noqa: E402
-from loop_runs import log, mean_std  # noqa: E402  (benchmarks/)
+from common import (  # noqa: E402  (benchmarks/common.py)
+    RESULTS,
+    SAMPLE_SEED_OFFSET,
+    Clock,
+    command_line,
+    fmt,
+    log,
+    md_table,
+    mean_std,
+    phase_rows,
+    pick_device,
+    processor,
+    read_result,
+    settings_of,
+    text_table,
+)
 
 NAME = "dual_output_vs_ddpm"
-SAMPLE_SEED_OFFSET = 12345  # the loop's evaluation protocol: sampling noise seed = run seed + 12345
 PRETRAINERS = {"ddpm": "ddpm_pretrain", "dual": "dual_output_pretrain"}
 # variant -> (method, which source); the two sources themselves are "src_ddpm" and "src_dual"
 ADAPTED = {"ddpm_finetune": ("ddpm_finetune", "ddpm"), "dual_output": ("dual_output", "dual"),
@@ -111,16 +119,6 @@ TARGET_METRICS = [("fid_domain", "↓"), ("kid_domain", "↓"), ("intra_dist_dom
                   ("coverage_domain", "↑"), ("density_domain", "↑"), ("target_rate_domain", "↑")]
 SOURCE_METRICS = [("fid_domain", "↓"), ("kid_domain", "↓"), ("coverage_domain", "↑"), ("density_domain", "↑")]
 PROFILE_T = (0, 10, 50, 100, 250, 500, 750, 900, 999)
-
-
-class Clock:
-    """Wall and process-CPU seconds since creation (CPU time: all threads of this process)."""
-
-    def __init__(self) -> None:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def elapsed(self) -> dict[str, float]:
-        return {"wall_s": time.perf_counter() - self.wall, "cpu_s": time.process_time() - self.cpu}
 
 
 def progress(label: str, total: int) -> Callable[[dict[str, Any]], None]:
@@ -179,7 +177,7 @@ def pretrain(args: argparse.Namespace, kind: str, storage: str, device: torch.de
     clock = Clock()
     result = run_loop(job, StoreSession(storage, job.name, device=device,
                                         on_report=progress(cls.key, args.pretrain_steps)))
-    took = clock.elapsed()
+    took = clock.seconds()
     last = {k: v for k, v in result.metrics.items() if isinstance(v, float)}
     meta = {"settings": s, "method_config": cfg.model_dump(mode="json"), "time": took,
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -221,7 +219,7 @@ def adapt(args: argparse.Namespace, variant: str, seed: int, src_folder: Path, s
     clock = Clock()
     result = run_loop(job, StoreSession(storage, job.name, device=device,
                                         on_report=progress(f"{variant} seed {seed}", args.steps)))
-    return result, cfg, {**clock.elapsed(), "job": job}
+    return result, cfg, {**clock.seconds(), "job": job}
 
 
 def sampler_for(method_key: str, method_config: dict[str, Any], folder: Path, device: torch.device, seed: int = 0):
@@ -327,14 +325,6 @@ def save_png(images: torch.Tensor, path: Path, ncols: int = 8, scale: int = 2) -
 # ------------------------------------------------------------------------------------------------
 # statistics and verdict
 # ------------------------------------------------------------------------------------------------
-def fmt(values: list[float], digits: int = 4) -> str:
-    m, s = mean_std(values)
-    if not math.isfinite(m):
-        return "n/a"
-    g = f"{{:.{digits}g}}"
-    return g.format(m) if not math.isfinite(s) else f"{g.format(m)} ± {g.format(s)}"
-
-
 def compare(a: dict[str, list[dict]], b: dict[str, list[dict]], steps: list[int], key: str = "fid_domain"
             ) -> list[dict[str, Any]]:
     """Per step count: the paired per-seed Δ = a − b of ``key``, its mean, std and outcome for a."""
@@ -432,7 +422,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", type=int, default=16, help="images per grid (8 a row)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / f"{NAME}_cache",
                    help="where the pretrained sources (and a trained encoder, off 32²) are cached")
     p.add_argument("--report-only", action="store_true", help=f"re-render <out>/{NAME}.md from <out>/{NAME}.json")
@@ -468,12 +458,11 @@ def domain_encoder(args: argparse.Namespace, device: torch.device) -> tuple[Path
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.report_only:
-        result = json.loads((args.out / f"{NAME}.json").read_text())
+        result = read_result(args.out / f"{NAME}.json")
         report(result, args.out)
         return result
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     total = Clock()
     started = _dt.datetime.now().astimezone()
     load_start = os.getloadavg()
@@ -539,7 +528,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "r_bias": float(widened.unet.conv_out.bias[6].detach())}
         log(f"widening check: {checks['widening']}")
         del widened, src_samplers
-        phases["sources: sample + evaluate"] = clock.elapsed()
+        phases["sources: sample + evaluate"] = clock.seconds()
 
         # 3. adaptation ---------------------------------------------------------------------------------
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in ADAPTED}
@@ -562,7 +551,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 grids.setdefault(variant, {})
                 out, t = sample_and_evaluate(ev, sampler, [seed], False, grids[variant] if seed == grid_seed else {},
                                              grid_seed)
-                for k, v in eclock.elapsed().items():
+                for k, v in eclock.seconds().items():
                     eval_clock_total[k] += v
                 for n, rows in out["target"].items():
                     evaluations.setdefault(variant, {"target": {}})["target"].setdefault(n, []).extend(rows)
@@ -607,16 +596,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             os.environ["ORCHESTRATE_CACHE"] = saved_cache
         work.cleanup()
 
-    took = total.elapsed()
+    took = total.seconds()
     load_end = os.getloadavg()
-    cmd = f"python benchmarks/{NAME}.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    cmd = command_line(NAME, argv)
     result = {
         "command": cmd, "date": started.isoformat(timespec="seconds"), "wall_s": took["wall_s"], "cpu_s": took["cpu_s"],
-        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+        "machine": {"cpu_count": os.cpu_count(), "processor": processor(),
                     "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                     "threads": args.threads, "load_average_start": list(load_start), "load_average_end": list(load_end)},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "report_only"},
+        "settings": settings_of(args, drop=["report_only"]),
         "method_configs": {"ddpm_finetune": resolve_cfg(args, "ddpm_finetune"), "dual_output": resolve_cfg(args, "dual_output")},
         "sources": sources,
         "encoder": {"path": str(enc_path), "note": enc_note},
@@ -641,16 +630,6 @@ def resolve_cfg(args: argparse.Namespace, method: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # the report
 # ------------------------------------------------------------------------------------------------
-def md_table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def text_table(head: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head] + rows)
-
-
 def metric_rows(result: dict[str, Any], domain: str, variants: list[str], metrics: list[tuple[str, str]]
                 ) -> tuple[list[str], list[list[str]]]:
     ev, steps = result["evaluations"], result["settings"]["sample_steps"]
@@ -739,7 +718,7 @@ def report(result: dict[str, Any], out: Path) -> None:
     prof_table = md_table(["t"] + [LABELS[v] for v in profiles],
                           [[str(t)] + [cell(rows[i]) for rows in profiles.values()] for i, t in enumerate(ts)])
 
-    phase_lines = "\n".join(f"| {k} | {v['wall_s'] / 60:.1f} | {v['cpu_s'] / 60:.1f} |" for k, v in result["phases"].items())
+    phase_lines = phase_rows(result["phases"])
     chk = result["checks"]
     w = chk.get("widening", {})
     grids = result.get("grids", {})

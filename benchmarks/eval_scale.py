@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from common import RESULTS, ROOT, cores, read_result, write_markdown
+
 KEYS = ("fid_domain", "kid_domain", "intra_dist_domain", "coverage_domain", "density_domain", "target_rate_domain")
 
 
@@ -54,9 +54,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     if args.report_only:
-        data = json.loads(args.out.read_text())
-        args.out.with_suffix(".md").write_text(render(data))
-        print(render(data))
+        write_markdown(args.out, render(read_result(args.out)))
         return
 
     from orchestrator import api
@@ -83,15 +81,12 @@ def main() -> None:
             rows.append({"n": n, "runs": runs})
     finally:
         shutdown(started)
-    import platform
-
     data = {"rows": rows, "model": run.name, "num_reference": int(rows[0]["runs"][0]["num_reference"]),
             "date": time.strftime("%Y-%m-%d"), "wall_s": time.perf_counter() - t0,
-            "machine": f"{os.cpu_count()}-core {platform.machine()} CPU"}
-    out = args.out if args.out.is_absolute() else Path(__file__).resolve().parent.parent / args.out
+            "machine": f"{cores()} CPU"}
+    out = args.out if args.out.is_absolute() else ROOT / args.out
     out.write_text(json.dumps(data, indent=1))
-    out.with_suffix(".md").write_text(render(data))
-    print(render(data))
+    write_markdown(out, render(data))
 
 
 if __name__ == "__main__":

@@ -80,8 +80,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,33 +88,47 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from orchestrator.artifacts import ArtifactRef, fetch, publish, publish_array  # noqa: E402
-from orchestrator.config import PretrainSpec, RunSettings, TaskConfig, builtin_task, resolve  # noqa: E402
-from orchestrator.inputs import make_job, prepare  # noqa: E402
-from orchestrator.job import Job  # noqa: E402
-from orchestrator.loop import LoopResult, run_loop  # noqa: E402
-from orchestrator.session import StoreSession  # noqa: E402
-from orchestrator.sources import ResolvedSource, cached_source_path, encoder_path, is_ready  # noqa: E402
-from orchestrator.storage import cache_home, data_cache_dir  # noqa: E402
-from trainers.data import TARGET_DOMAINS, load_images, to_tensor  # noqa: E402
-from trainers.gan.dcl import DCL  # noqa: E402
-from trainers.gan.gan_finetune import GANFinetune  # noqa: E402
-from trainers.gan.source import load_gan_source  # noqa: E402
-from trainers.metrics import MissingWeightsError, ReferenceStats, available_extractors, evaluate  # noqa: E402
-from trainers.metrics import train_domain_encoder  # noqa: E402
-from trainers.registry import pretrainer  # noqa: E402
-from loop_runs import install, log, mean_std, node_cache, reload, run_row, same_images  # noqa: E402  (benchmarks/)
+from common import (  # benchmarks/common.py
+    RESULTS,
+    SAMPLE_SEED_OFFSET,
+    Clock,
+    command_line,
+    fmt,
+    install,
+    log,
+    machine_description,
+    md_table,
+    mean_std,
+    node_cache,
+    phase_rows,
+    pick_device,
+    reload,
+    run_row,
+    same_images,
+    settings_of,
+    text_table,
+)
+from orchestrator.artifacts import ArtifactRef, fetch, publish, publish_array
+from orchestrator.config import PretrainSpec, RunSettings, TaskConfig, builtin_task, resolve
+from orchestrator.inputs import make_job, prepare
+from orchestrator.job import Job
+from orchestrator.loop import LoopResult, run_loop
+from orchestrator.session import StoreSession
+from orchestrator.sources import ResolvedSource, cached_source_path, encoder_path, is_ready
+from orchestrator.storage import cache_home, data_cache_dir
+from trainers.data import TARGET_DOMAINS, load_images, to_tensor
+from trainers.gan.dcl import DCL
+from trainers.gan.gan_finetune import GANFinetune
+from trainers.gan.source import load_gan_source
+from trainers.metrics import MissingWeightsError, ReferenceStats, available_extractors, evaluate
+from trainers.metrics import train_domain_encoder
+from trainers.registry import pretrainer
 
 FAMILY = "stylegan2"
 METHODS = ("gan_finetune", "dcl")
 FID_TOLERANCE = 0.10  # "similar quality": DCL's FID at most 10 % above fine-tuning's (mean of per-seed ratios)
 METRICS = [("fid_domain", "↓"), ("kid_domain", "↓"), ("intra_dist_domain", "↑"), ("intra_lpips_vgg", "↑")]
 SHOT_DRAW_OFFSET = 100  # --vary-shots: shot draw = 100 + seed (never the reference set's draw)
-SAMPLE_SEED_OFFSET = 12345  # the loop's evaluation protocol: sampling noise seed = seed + 12345
 NAME = "gan_finetune_vs_dcl"
 REPORT_EVERY = 50  # adaptation runs: steps per log line; the loop reports every gcd(--eval-every, 50) steps
 TERMS = ("d_loss", "g_adv", "g_cl", "g_cl_d", "d_cl", "real_score", "fake_score")  # logged training terms
@@ -124,17 +136,6 @@ TERMS = ("d_loss", "g_adv", "g_cl", "g_cl_d", "d_cl", "real_score", "fake_score"
 # (and its phase timings, time_<phase>_s).
 LOOP_EVAL_KEYS = {"target_rate_domain", "eval_seconds"}  # the loop's evaluation adds these to evaluate()'s
 LOOP = "orchestrator.loop.run_loop in this process (StoreSession)"  # the result's "loop": who trained
-
-
-class Clock:
-    """Wall and process-CPU seconds of a phase (CPU time is robust to other jobs on the machine)."""
-
-    def __init__(self) -> None:
-        self.wall = time.perf_counter()
-        self.cpu = time.process_time()
-
-    def elapsed(self) -> tuple[float, float]:
-        return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
 class Progress:
@@ -268,14 +269,6 @@ def adapt(method: str, folder: Path, source: ArtifactRef, encoder: ArtifactRef, 
 # ------------------------------------------------------------------------------------------------
 # statistics, verdict, output
 # ------------------------------------------------------------------------------------------------
-def fmt(values: list[float], digits: int = 4) -> str:
-    m, s = mean_std(values)
-    if not math.isfinite(m):
-        return "n/a"
-    g = f"{{:.{digits}g}}"
-    return g.format(m) if not math.isfinite(s) else f"{g.format(m)} ± {g.format(s)}"
-
-
 def diversity_at_fid(trajectory: list[dict[str, float]], fid: float) -> float:
     """intra_dist_domain of a run at the moment its fid_domain came down to ``fid``: linear
     interpolation in FID on the last segment of the trajectory (ordered by step, step 0 = the
@@ -384,12 +377,7 @@ def table(rows: list[tuple[str, list[dict[str, float]]]], columns: list[tuple[st
         body.append(cells)
     body.append(["ratio dcl/finetune"] + [fmt(ratios[k], 3) for k, _ in columns]
                 + [fmt(ratios["s_per_step"], 3), fmt(ratios["cpu_s_per_step"], 3)])
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(c) + " |" for c in body]
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head] + body)
+    return md_table(head, body) if markdown else text_table(head, body)
 
 
 def trajectory_table(runs: dict[str, list[dict[str, Any]]], source_rows: list[dict[str, float]],
@@ -405,8 +393,7 @@ def trajectory_table(runs: dict[str, list[dict[str, Any]]], source_rows: list[di
             pts = [p for r in rs for p in r["trajectory"] if p["step"] == st]
             cells += [fmt([p[k] for p in pts]) for k in keys]
         body.append(cells)
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in body])
+    return md_table(head, body)
 
 
 def save_grid(images: torch.Tensor, path: Path, cols: int, scale: int = 1, pad: int = 1) -> None:
@@ -440,7 +427,7 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="override the task's pretraining steps (a different cache folder)")
     p.add_argument("--vary-shots", action="store_true", help="draw a new 10-shot set per seed")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: see the docstring, 2 threads on 2 busy cores is far slower)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -463,8 +450,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     t_start = Clock()
     started = _dt.datetime.now().astimezone()
     load_start = os.getloadavg()
@@ -607,14 +593,10 @@ def main(argv=None) -> dict[str, Any]:
     for key, imgs in grids.items():
         save_grid(imgs, args.out / f"{NAME}_{key}_seed{s0}.png", cols=8)
 
-    cmd = "python benchmarks/gan_finetune_vs_dcl.py" + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    machine = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-               f"torch {torch.__version__}, device {device}"
-               + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-               + f", {args.threads} torch thread{'s' if args.threads > 1 else ''}; load average "
-               f"{load_start[0]:.1f} at start, {load_end[0]:.1f} at the end (other jobs shared the cores: "
-               "wall times are noisy, CPU times less so)")
+    cmd = command_line(NAME, argv)
+    machine = (machine_description(device) + f", {args.threads} torch thread{'s' if args.threads > 1 else ''}; "
+               f"load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at the end (other jobs shared the "
+               "cores: wall times are noisy, CPU times less so)")
     shots_txt = (f"a new draw per seed (synthetic draw {SHOT_DRAW_OFFSET} + seed)" if args.vary_shots else
                  f"the task's ten shots, fixed (draw {t.seed}; the images the CLI trains on); "
                  "the seed varies training and sampling noise")
@@ -633,7 +615,7 @@ def main(argv=None) -> dict[str, Any]:
                    "step 0.\n\n{}\n").format(args.eval_every, trajectory_table(runs, source_rows, columns))
         print()
         print(trajectory_table(runs, source_rows, columns))
-    phase_lines = "\n".join(f"| {k} | {v['wall_s'] / 60:.1f} | {v['cpu_s'] / 60:.1f} |" for k, v in phases.items())
+    phase_lines = phase_rows(phases)
     md = f"""# DCL vs GAN fine-tuning, in small
 
 `{cmd}` — {started:%Y-%m-%d %H:%M %Z}, wall time **{wall_total / 60:.1f} min** (CPU {cpu_total / 60:.1f} min).
@@ -700,7 +682,7 @@ loop's setup, nor one that ends in an evaluation or the export).
     (args.out / f"{NAME}.md").write_text(md)
     result = {
         "command": cmd, "date": started.isoformat(), "wall_s": wall_total, "cpu_s": cpu_total,
-        "machine": machine, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine, "settings": settings_of(args),
         "source": source_info, "phases": phases, "loop": LOOP, "verdict": {"answer": answer, "sentence": sentence, **numbers},
         "source_rows": source_rows, "real_rows": real_rows, "runs": runs, "ratios": ratios,
     }

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -35,10 +34,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from common import RESULTS, cores, read_result, write_markdown
 from orchestrator import tracking
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 METRICS = ("loss", "loss_simple", "loss_pa", "grad_norm", "lr", "steps_per_s", "images_per_s", "data_s")
 
 
@@ -145,7 +143,7 @@ def measure(args) -> dict:
             proc.wait(timeout=60)
     import mlflow
 
-    return {"rows": rows, "machine": f"{os.cpu_count()}-core {platform.machine()}", "date": time.strftime("%Y-%m-%d"),
+    return {"rows": rows, "machine": cores(), "date": time.strftime("%Y-%m-%d"),
             "mlflow": mlflow.__version__, "load_before": load_before, "load_after": os.getloadavg()[0],
             "every": args.every, "step_ms": args.step_ms, "seconds": args.seconds}
 
@@ -178,12 +176,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "mlflow_load.json")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
-    data = json.loads(args.out.read_text()) if args.report_only else measure(args)
+    data = read_result(args.out) if args.report_only else measure(args)
     if not args.report_only:
         args.out.write_text(json.dumps(data, indent=1))
-    text = report(data)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_markdown(args.out, report(data))
 
 
 if __name__ == "__main__":

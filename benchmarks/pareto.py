@@ -31,17 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, SAMPLE_SEED_OFFSET, processor, read_result
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PAIRS = {"diffusion": ("ddpm_finetune", "ddpm_pa"), "gan": ("gan_finetune", "dcl")}
 OBJECTIVES = (("fid_domain", "min"), ("intra_dist_domain", "max"))
 EXTRA = ("coverage_domain", "density_domain", "target_rate_domain", "kid_domain")
@@ -101,7 +98,7 @@ def run_pair(args) -> dict:
     finally:
         shutdown(started)
     out["meta"] = {"seconds": time.time() - t0, "cpus": os.cpu_count(), "torch": torch.__version__,
-                   "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
+                   "machine": processor(), "date": time.strftime("%Y-%m-%d"),
                    "load_after": os.getloadavg()[0]}
     return out
 
@@ -119,7 +116,7 @@ def anchors(args) -> dict:
 
     from orchestrator.config import resolve
     from orchestrator.inputs import check_data, synthetic_domain
-    from orchestrator.loop import _classifier, _extractors
+    from orchestrator.loop import load_domain_classifier, metric_extractors
     from orchestrator.sources import domain_encoder_for, locate_source, resolve_source
     from trainers.builtin import builtin_classifier, sample_source
     from trainers.data import render
@@ -132,7 +129,7 @@ def anchors(args) -> dict:
     shots, reference = (torch.from_numpy(a).permute(0, 3, 1, 2).contiguous() if a is not None else None
                         for a in check_data(task))
     reference = reference if reference is not None else shots
-    extractors = _extractors(tuple(run.metrics), str(domain_encoder_for(task)), "cpu")
+    extractors = metric_extractors(tuple(run.metrics), str(domain_encoder_for(task)), "cpu")
     domain = synthetic_domain(task.target.data)
     classifier = builtin_classifier(task.resolution) if domain is not None else None
     cache = ReferenceStats()
@@ -141,7 +138,7 @@ def anchors(args) -> dict:
         m = evaluate(samples, reference, shots, extractors, seed=run.seed,
                      kid_subset_size=min(1000, len(samples), len(reference)), cache=cache)
         if classifier is not None:
-            m["target_rate_domain"] = _classifier(str(classifier), "cpu").rate(samples, domain)
+            m["target_rate_domain"] = load_domain_classifier(str(classifier), "cpu").rate(samples, domain)
         return {k: float(v) for k, v in m.items()}
 
     out = {}
@@ -153,7 +150,7 @@ def anchors(args) -> dict:
     if path is not None:
         steps = run.eval_sample_steps or args.sample_steps or cfg.method_config.get("sample_steps") or 50
         out["source (before adaptation)"] = score(sample_source(task.source.family, path, args.samples,
-                                                                seed=run.seed + 12345, steps=steps))
+                                                                seed=run.seed + SAMPLE_SEED_OFFSET, steps=steps))
     if domain is not None:
         real = render(domain, args.samples, task.resolution, seed=REAL_SEED)
         out["real target images (another draw)"] = score(torch.from_numpy(real).permute(0, 3, 1, 2).contiguous())
@@ -322,7 +319,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     js = out / f"pareto_{args.pair}.json"
     if args.report_only:
-        data = json.loads(js.read_text())
+        data = read_result(js)
     else:
         data = run_pair(args)
     if "anchors" not in data:  # also for a JSON written before anchors existed

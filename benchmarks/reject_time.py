@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -28,9 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-RESULTS = HERE / "results"
+from common import RESULTS, ROOT, cores, read_result, write_markdown
 
 BAD_TASK = """name: typo
 sourse:
@@ -74,7 +71,7 @@ def measure(before: str, runs: int) -> dict:
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
-    return {"before": before, "runs": runs, "rows": rows, "machine": f"{os.cpu_count()}-core {platform.machine()}",
+    return {"before": before, "runs": runs, "rows": rows, "machine": cores(),
             "load_after": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}
 
 
@@ -102,13 +99,11 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     if args.report_only:
-        data = json.loads(args.out.read_text())
+        data = read_result(args.out)
     else:
         data = measure(args.before, args.runs)
         args.out.write_text(json.dumps(data, indent=1))
-    text = report(data)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_markdown(args.out, report(data))
 
 
 if __name__ == "__main__":

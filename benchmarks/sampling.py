@@ -23,14 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from common import RESULTS, cores, read_result, write_markdown
 
 
 def plain_loop(model: str, n: int, batch_size: int, steps: int, threads: int) -> dict:
@@ -107,9 +105,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     if args.report_only:
-        data = json.loads(args.out.read_text())
-        args.out.with_suffix(".md").write_text(render(data))
-        print(render(data))
+        write_markdown(args.out, render(read_result(args.out)))
         return
 
     import diffusers
@@ -144,14 +140,13 @@ def main() -> None:
 
     res = UNet2DModel.load_config(str(Path(model) / "unet"))["sample_size"]
     data = {"rows": rows, "n": args.n, "steps": args.steps, "batch_size": args.batch_size, "model_name": Path(model).name,
-            "resolution": res, "machine": f"{os.cpu_count()}-core {platform.machine()} CPU",
+            "resolution": res, "machine": f"{cores()} CPU",
             "date": time.strftime("%Y-%m-%d"), "load_before": load_before, "load_after": os.getloadavg()[0],
             "torch": torch.__version__, "ray": ray.__version__, "diffusers": diffusers.__version__,
             "wall_s": time.perf_counter() - t_all, "one_and_two_workers_same_bytes": same}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1))
-    args.out.with_suffix(".md").write_text(render(data))
-    print(render(data))
+    write_markdown(args.out, render(data))
     print(f"1 and 2 workers wrote the same bytes: {same}")
 
 

@@ -62,9 +62,7 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,10 +74,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from orchestrator.artifacts import fetch, publish, publish_array  # noqa: E402
 from orchestrator.config import (  # noqa: E402
@@ -105,17 +99,32 @@ from trainers.data import TARGET_DOMAINS, load_images, render  # noqa: E402
 from trainers.metrics import DomainEncoder, ReferenceStats, evaluate  # noqa: E402
 from trainers.metrics.domain_classifier import DomainClassifier  # noqa: E402
 from trainers.registry import pretrainer  # noqa: E402
-from loop_runs import copy_into_place, log, mean_std  # noqa: E402  (benchmarks/)
+from common import (  # noqa: E402  (benchmarks/common.py)
+    RESULTS,
+    ROOT,
+    SAMPLE_SEED_OFFSET,
+    Clock,
+    command_line,
+    copy_into_place,
+    fmt,
+    log,
+    machine_description,
+    md_table,
+    mean_std,
+    phase_rows,
+    pick_device,
+    read_result,
+    settings_of,
+    text_table,
+)
 
 NAME = "self_guided_vs_unguided"
-RESULTS = ROOT / "benchmarks" / "results"
 BASELINE = "ddpm_finetune"
 GUIDED = "self_guided"
 # (key, better direction: +1 higher is better, -1 lower is better, 0 neither)
 METRICS: list[tuple[str, int]] = [("fid_domain", -1), ("kid_domain", -1), ("target_rate_domain", +1),
                                   ("coverage_domain", +1), ("density_domain", +1), ("intra_dist_domain", +1)]
 ARROW = {-1: "↓", +1: "↑", 0: ""}
-SAMPLE_SEED_OFFSET = 12345  # as the CLI's final evaluation: sampling noise seed = run seed + 12345
 REFERENCE_COUNT, REFERENCE_SEED = 1000, 1  # the built-in tasks' reference set
 REAL_SEED = 2  # "real target images" row: another draw of the target domain
 SOURCE_IMAGES = 4096  # synthetic source images for pretraining (the project's PretrainSpec default)
@@ -125,16 +134,6 @@ GRID_PER_CLUSTER = 8  # samples per cluster row in the grids
 # gap between the target's own images and the unadapted source, per target): smaller ones are
 # called negligible even when the seeds agree on their sign.
 MIN_EFFECT = 0.02
-
-
-class Clock:
-    """Wall and process-CPU seconds since construction."""
-
-    def __init__(self) -> None:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def elapsed(self) -> dict[str, float]:
-        return {"wall_s": time.perf_counter() - self.wall, "cpu_s": time.process_time() - self.cpu}
 
 
 def variant_name(w: float, tag: str = "") -> str:
@@ -183,7 +182,7 @@ def pretrain_source(args: argparse.Namespace, key: str | None, encoder: Path, wo
 
     def progress(report: dict[str, Any]) -> None:
         step = int(report["step"])
-        wall = clock.elapsed()["wall_s"]
+        wall = clock.seconds()["wall_s"]
         log(f"  {cls.key} {step}/{spec.steps}  loss {report.get('loss', float('nan')):.4f}  "
             f"{report['steps_per_s']:.2f} steps/s, eta {(spec.steps - step) / max(report['steps_per_s'], 1e-9) / 60:.1f} min"
             f" (elapsed {wall / 60:.1f} min)")
@@ -196,7 +195,7 @@ def pretrain_source(args: argparse.Namespace, key: str | None, encoder: Path, wo
     copy_into_place(fetch(result.export), folder, folder.exists)
     remove_run_dir(storage, job.name)  # its checkpoints: the source is in the cache now
     losses = [r["loss"] for r in result.reports if "loss" in r]
-    return {**info, "cached": False, **clock.elapsed(), "final_loss": losses[-1] if losses else None,
+    return {**info, "cached": False, **clock.seconds(), "final_loss": losses[-1] if losses else None,
             "steps_per_s": float(np.mean([r["steps_per_s"] for r in result.reports])) if result.reports else None}
 
 
@@ -240,7 +239,7 @@ def adapt(cfg: ResolvedConfig, inputs: Inputs, storage: str, name: str,
     clock = Clock()
     result = run_loop(job, session)
     last = result.reports[-1] if result.reports else {}
-    info = {**clock.elapsed(), "steps_per_s": last.get("steps_per_s"), "train_loss_last_report": last.get("loss"),
+    info = {**clock.seconds(), "steps_per_s": last.get("steps_per_s"), "train_loss_last_report": last.get("loss"),
             "train_seconds": last.get("time_train_s"), "trainable_parameters": last.get("trainable_parameters")}
     for k in ("dropped_fraction", "grad_norm"):
         if k in last:
@@ -356,14 +355,6 @@ def target_cluster_labels(method, images: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # statistics, verdict, report
 # ------------------------------------------------------------------------------------------------
-def fmt(values: list[float], digits: int = 3) -> str:
-    m, s = mean_std(values)
-    if not math.isfinite(m):
-        return "n/a"
-    g = f"{{:.{digits}g}}"
-    return g.format(m) if not math.isfinite(s) else f"{g.format(m)} ± {g.format(s)}"
-
-
 def paired(a: list[dict[str, float]], b: list[dict[str, float]], key: str, direction: int,
            scale: float = float("nan")) -> dict[str, Any]:
     """Δ = a − b per seed (paired by position): mean, std, relative to b, and whether the effect
@@ -488,14 +479,10 @@ def table(result: dict[str, Any], markdown: bool) -> str:
     for domain, rows in result["runs"].items():
         for name, runs in [("source (no adaptation)", result["source_rows"][domain]),
                            ("real target images", result["real_rows"][domain])] + list(rows.items()):
-            cells = [domain, name] + [fmt([r.get(k, float("nan")) for r in runs]) for k, _ in METRICS]
+            cells = [domain, name] + [fmt([r.get(k, float("nan")) for r in runs], 3) for k, _ in METRICS]
             cells.append(fmt([r.get("sample_s", float("nan")) for r in runs], 3))
             body.append(cells)
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in body])
-    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head] + body)
+    return md_table(head, body) if markdown else text_table(head, body)
 
 
 def report(result: dict[str, Any], out: Path) -> None:
@@ -519,7 +506,7 @@ def report(result: dict[str, Any], out: Path) -> None:
         f" — `{Path(s['path']).name}`"
         + (f"; {s['wall_s'] / 60:.1f} min, final loss {s['final_loss']:.4f}" if not s["cached"] else "")
         for s in result["sources"].values())
-    phases = "\n".join(f"| {k} | {p['wall_s'] / 60:.1f} | {p['cpu_s'] / 60:.1f} |" for k, p in result["phases"].items())
+    phases = phase_rows(result["phases"])
     train = "\n".join(
         f"| {d} | {m} | {fmt([r.get('steps_per_s') for r in runs], 3)} | "
         f"{fmt([r.get('train_loss_last_report') for r in runs], 3)} | {fmt([r.get('wall_s') for r in runs], 3)} | "
@@ -657,12 +644,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
-        result = json.loads((args.out / f"{NAME}.json").read_text())
+        result = read_result(args.out / f"{NAME}.json")
         report(result, args.out)
         return result
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     args.device_type = device.type
     enc_file = ROOT / "trainers" / "builtin" / f"encoder-synthetic-{args.resolution}.safetensors"
     cls_file = builtin_classifier(args.resolution)
@@ -682,7 +668,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sources = {"plain": pretrain_source(args, None, enc_file, work, device)}
     if args.self_guided_source:
         sources["self_guided"] = pretrain_source(args, "self_guided_pretrain", enc_file, work, device)
-    phases["sources (pretrain or cache)"] = clock.elapsed()
+    phases["sources (pretrain or cache)"] = clock.seconds()
 
     encoder = DomainEncoder.load(enc_file, device)
     classifier = DomainClassifier.load(cls_file, device)
@@ -709,7 +695,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                    args.sample_steps, device, seed=args.seeds[0] + SAMPLE_SEED_OFFSET
                                                    ).cpu())
     del src
-    phases["source samples"] = clock.elapsed()
+    phases["source samples"] = clock.seconds()
 
     storage_dir = Path(tempfile.mkdtemp(prefix="sgvu-runs-", dir=work))
     storage = str(storage_dir)
@@ -745,7 +731,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     cfg = resolved(method_key, task_files[src_key], args, seed)
                     clock = Clock()
                     job, session, info = adapt(cfg, inputs[src_key], storage, f"{domain}-{label}-seed{seed}", device)
-                    for k, v in clock.elapsed().items():
+                    for k, v in clock.seconds().items():
                         train_clock[k] += v
                     adapt_info[domain].setdefault(label, []).append({**info, "seed": seed})
                     log(f"  {label} seed {seed}: trained {args.steps} steps in {info['wall_s']:.0f} s "
@@ -776,7 +762,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         if seed == args.seeds[0] and tag == "" and RELEASE_W not in args.weights:
                             guided = (method, method.sample_labels(labels, steps=args.sample_steps, seed=sample_seed,
                                                                    guidance=RELEASE_W), labels)
-                    for k, v in clock.elapsed().items():
+                    for k, v in clock.seconds().items():
                         eval_clock[k] += v
                     del method
             runs[domain] = rows
@@ -806,14 +792,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     phases["adaptation: restore, sample, evaluate"] = eval_clock
 
     # 5. report ---------------------------------------------------------------------------------
-    t = total.elapsed()
+    t = total.seconds()
     load_end = os.getloadavg()
-    cmd = f"python benchmarks/{NAME}.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    machine = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-               f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-               + f", {args.threads} torch threads; load average {load_start[0]:.1f} at the start, "
-               f"{load_end[0]:.1f} at the end (other jobs shared the cores: wall times are noisy)")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    cmd = command_line(NAME, argv)
+    machine = (machine_description(device) + f", {args.threads} torch threads; load average {load_start[0]:.1f} at "
+               f"the start, {load_end[0]:.1f} at the end (other jobs shared the cores: wall times are noisy)")
+    settings = settings_of(args)
     result = {"command": cmd, "date": started.isoformat(), "wall_s": t["wall_s"], "cpu_s": t["cpu_s"],
               "machine": machine, "load_average": {"start": list(load_start), "end": list(load_end)},
               "settings": settings, "sources": sources, "phases": phases, "source_rows": source_rows,

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,9 +29,8 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, processor, read_result
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RUN = {"report_every": 25, "sample_every": 10 ** 6, "grid_size": 16, "grid_sample_steps": 5, "eval_samples": 32,
        "eval_sample_steps": 5, "final_eval_samples": 64, "final_eval_sample_steps": 5, "eval_every": 0}
 PHASES = ("build", "data", "restore", "prepare", "metric_networks", "train", "grids", "eval", "mlflow",
@@ -112,7 +109,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="re-render the markdown from the JSON")
     args = ap.parse_args()
     if args.report_only:
-        saved = json.loads((RESULTS / "sweep_overhead.json").read_text())
+        saved = read_result(RESULTS / "sweep_overhead.json")
         return report(saved["meta"], saved["rows"])
 
     rows = []
@@ -160,7 +157,7 @@ def main() -> None:
         finally:
             shutdown(started)
 
-    meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+    meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "machine": processor(),
             "date": time.strftime("%Y-%m-%d"), "trials": args.trials, "rounds": args.rounds, **load.summary()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "sweep_overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -31,24 +31,21 @@ import math
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, processor, read_result
+from orchestrator.artifacts import publish, publish_array
+from orchestrator.config import RunSettings
+from orchestrator.job import Job
+from orchestrator.loop import build_method, run_loop
+from orchestrator.session import StoreSession
+from trainers.common import random_batch
+from trainers.registry import METHODS
 
-from orchestrator.artifacts import publish, publish_array  # noqa: E402
-from orchestrator.config import RunSettings  # noqa: E402
-from orchestrator.job import Job  # noqa: E402
-from orchestrator.loop import build_method, run_loop  # noqa: E402
-from orchestrator.session import StoreSession  # noqa: E402
-from trainers.common import random_batch  # noqa: E402
-from trainers.registry import METHODS  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 GAN = ("gan_finetune", "dcl", "lfs_gan")
 
 
@@ -217,7 +214,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.report_only:
         name = f"throughput_{args.device}" + ("_cpuclock" if args.clock == "cpu" else "")
-        saved = json.loads((RESULTS / f"{name}.json").read_text())
+        saved = read_result(RESULTS / f"{name}.json")
         return report(saved["meta"], saved["rows"], name)
     if args.clock == "cpu":
         if args.device != "cpu":
@@ -265,7 +262,7 @@ def main() -> None:
                   f"loop/bare {loop_vs_bare:.3f}  method/plain {method_vs_plain:.3f}", flush=True)
 
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-            f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads of {os.cpu_count()})",
+            f"CPU ({processor()}, {args.threads} threads of {os.cpu_count()})",
             "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
             "resolution": args.resolution, "preset": args.preset, "steps": args.steps, "warmup": args.steps,
             "repeats": args.repeats, "clock": args.clock, "load_before": load_before, "load_after": os.getloadavg()[0]}

@@ -49,10 +49,14 @@ def best_runs(method: str, metric: str, mode: str, *, task: str | None = None, t
 def export_config(uri: str, run_id: str, path: str | Path) -> Path:
     """Write the run's resolved config (its ``config.yaml`` artifact) to ``path``; ``orchestrate
     train --config`` accepts it back."""
-    import mlflow.artifacts
+    import tempfile
 
-    run = tracking.client(uri).get_run(run_id)
-    text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
+    c = tracking.client(uri)
+    run = c.get_run(run_id)
+    # through the client of ``uri`` (mlflow.artifacts.load_text would resolve an mlflow-artifacts:
+    # location against the process's default tracking URI, not --tracking-uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(c.download_artifacts(run_id, "config.yaml", tmp)).read_text()
     data = yaml.safe_load(text)
     header = (f"# exported by `orchestrate best` from MLflow run {run_id} ({run.info.run_name})\n"
               f"# use: orchestrate train {data['method']} --config {Path(path).name}\n")

@@ -158,11 +158,11 @@ def reference_stats(cfg: ResolvedConfig, inputs: Inputs, storage: str) -> Artifa
     import torch
 
     from orchestrator import refstats
-    from orchestrator.loop import _extractors, images_tensor
+    from orchestrator.loop import images_tensor, metric_extractors
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = str(fetch(inputs.domain_encoder)) if inputs.domain_encoder is not None else None
-    extractors = _extractors(tuple(cfg.run.metrics), encoder, device)
+    extractors = metric_extractors(tuple(cfg.run.metrics), encoder, device)
     shots = images_tensor(inputs.data)
     ref = images_tensor(inputs.reference) if inputs.reference is not None else shots
     buf = io.BytesIO()

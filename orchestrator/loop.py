@@ -131,14 +131,16 @@ def build_method(job: Job, device: torch.device, seed: int):
 
 
 @lru_cache(maxsize=4)
-def _extractors(metrics: tuple[str, ...], encoder: str | None, device: str):
+def metric_extractors(metrics: tuple[str, ...], encoder: str | None, device: str):
+    """The feature networks of ``metrics`` (``available_extractors``), built once per process and arguments."""
     from trainers.metrics import available_extractors
 
     return available_extractors(list(metrics), encoder, device)
 
 
 @lru_cache(maxsize=2)
-def _classifier(path: str, device: str):
+def load_domain_classifier(path: str, device: str):
+    """The domain classifier saved at ``path`` on ``device``, loaded once per process and arguments."""
     from trainers.metrics.domain_classifier import DomainClassifier
 
     return DomainClassifier.load(path, device)
@@ -158,13 +160,13 @@ class Evaluator:
 
         self.job, self.run = job, job.run
         encoder = str(fetch(job.domain_encoder)) if job.domain_encoder is not None else None
-        self.extractors = _extractors(tuple(self.run.metrics), encoder, str(device))
+        self.extractors = metric_extractors(tuple(self.run.metrics), encoder, str(device))
         self.shots = shots.cpu()
         self.reference = images_tensor(job.reference) if job.reference is not None else self.shots
         self.cache = ReferenceStats()
         self.classifier = None
         if job.domain_classifier is not None and job.target_domain is not None:
-            self.classifier = _classifier(str(fetch(job.domain_classifier)), str(device))
+            self.classifier = load_domain_classifier(str(fetch(job.domain_classifier)), str(device))
         if job.reference_stats is not None:
             from orchestrator.refstats import preload
 

@@ -11,8 +11,10 @@ picklable *recipe* (a class and its keyword arguments) and builds the real sampl
 used. Pickling keeps the recipe and drops the built sampler, so nothing of Optuna's (or Ray's)
 private state is touched. What is lost across a pickle is only the sampler's own cache and random
 generator: a genetic sampler reads its population from the study's trials, so a restored sweep
-goes on from the study's history; its RNG restarts from the recipe's seed, which changes which
-configs come next after a resume but not which trials were already run.
+goes on from the study's history. The generator is seeded when the sampler is built, from the
+recipe's seed and the number of finished trials the study holds then: a fresh sweep (no trials) draws
+exactly what the seed says, and a resumed one does not draw its first configs again (restarted
+from the bare seed, TPE's random start-up would propose the same learning rates as before the kill).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import optuna
 from optuna.samplers import BaseSampler
+from optuna.trial import TrialState
 
 
 class RebuiltSampler(BaseSampler):
@@ -36,6 +39,17 @@ class RebuiltSampler(BaseSampler):
             self._inner = self.cls(**self.kwargs)
         return self._inner
 
+    def _built_for(self, study) -> BaseSampler:
+        """The sampler, built on first use with a seed that also counts the study's trials."""
+        if self._inner is None:
+            kwargs = dict(self.kwargs)
+            finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)  # not the trial being asked
+            done = len(study.get_trials(deepcopy=False, states=finished))
+            if done and kwargs.get("seed") is not None:
+                kwargs["seed"] = (int(kwargs["seed"]) + 1_000_003 * done) % 2**32
+            self._inner = self.cls(**kwargs)
+        return self._inner
+
     def __getstate__(self) -> dict[str, Any]:
         return {"cls": self.cls, "kwargs": self.kwargs, "_inner": None}
 
@@ -47,19 +61,19 @@ class RebuiltSampler(BaseSampler):
 
     # -- BaseSampler, delegated ------------------------------------------------------------------
     def infer_relative_search_space(self, study, trial):
-        return self.inner.infer_relative_search_space(study, trial)
+        return self._built_for(study).infer_relative_search_space(study, trial)
 
     def sample_relative(self, study, trial, search_space):
-        return self.inner.sample_relative(study, trial, search_space)
+        return self._built_for(study).sample_relative(study, trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+        return self._built_for(study).sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study, trial) -> None:
-        self.inner.before_trial(study, trial)
+        self._built_for(study).before_trial(study, trial)
 
     def after_trial(self, study, trial, state, values) -> None:
-        self.inner.after_trial(study, trial, state, values)
+        self._built_for(study).after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:
         self.inner.reseed_rng()

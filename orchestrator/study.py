@@ -108,6 +108,37 @@ def load(url: str, name: str):
     return optuna.load_study(study_name=name, storage=open_storage(url))
 
 
+def record_missing(url: str, name: str, trials: list[dict[str, Any]], space: dict[str, Any],
+                   metrics: list[str]) -> int:
+    """Add to the study every FINISHED trial of the sweep's record that it lacks as COMPLETE;
+    returns how many. Tune's searcher state is saved every few seconds, not with every tell: after
+    a driver kill, a resumed trial's Optuna twin may already be finished (FAIL, or told by Tune as
+    it restored) and cannot be told again, so the study would miss a trial that the sweep did
+    finish. The added trial carries the same params and values and ``trial_id``."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from orchestrator.report import optuna_distributions
+
+    dists = optuna_distributions(space)
+    study = load(url, name)
+    have = {tuple(sorted((k, repr(v)) for k, v in t.params.items()))
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    added = 0
+    for t in trials:
+        values = [t.get(m) for m in metrics]
+        if t.get("status") != "FINISHED" or any(v is None or not math.isfinite(float(v)) for v in values):
+            continue
+        params = {k: t["config"][k] for k in dists if k in t.get("config", {})}
+        if len(params) != len(dists) or tuple(sorted((k, repr(v)) for k, v in params.items())) in have:
+            continue
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions={k: dists[k] for k in params}, values=[float(v) for v in values],
+            user_attrs={"trial_id": t["trial_id"], "orchestrate.recorded_after_resume": True}))
+        added += 1
+    return added
+
+
 def _base_value(base_flat: dict[str, Any], key: str) -> Any:
     for k in (key, f"method_config.{key}", f"run.{key}"):
         if k in base_flat:

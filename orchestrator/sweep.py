@@ -626,6 +626,7 @@ def _fit(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettings, *
         _retire_orphans(uri, exp_id, parent_id, known)
     if study is not None:
         _close_orphan_study_trials(study)
+        _complete_study(study, trials, space, settings)
     best = _best(trials, settings) if not settings.multi_objective else None
     pareto = pareto_front(trials, settings.metrics, settings.modes) if settings.multi_objective else None
     _record_parent(uri, parent_id, trials, best, pareto, settings)
@@ -667,6 +668,21 @@ def _close_orphan_study_trials(study: dict[str, Any]) -> None:
         st.tell(t.number, state=TrialState.FAIL)
 
 
+def _complete_study(study: dict[str, Any], trials, space: dict[str, Any], settings: SweepSettings) -> None:
+    """Every FINISHED trial of the sweep is COMPLETE in its study (orchestrator.study.record_missing)."""
+    from orchestrator.study import record_missing
+
+    try:
+        added = record_missing(study["url"], study["name"], trials, space, settings.metrics)
+    except Exception as exc:  # noqa: BLE001 (e.g. a distribution Ray converted otherwise; the sweep stands)
+        print(f"[orchestrate] warning: the study {study['url']} may lack trials of the resumed sweep "
+              f"({type(exc).__name__}: {exc})", flush=True)
+        return
+    if added:
+        print(f"[orchestrate] {added} trial(s) resumed after the kill were added to the study {study['url']} "
+              "(their first Optuna record was closed before they finished)", flush=True)
+
+
 def _end_open_runs(uri: str, exp_id: str, parent_id: str, status: str) -> None:
     """Close a run and every descendant still RUNNING (a sweep's trials; a sequence trial's task
     runs) when their driver cannot: the sweep driver failed, or Tune stopped the trial."""
@@ -679,9 +695,13 @@ def _end_open_runs(uri: str, exp_id: str, parent_id: str, status: str) -> None:
 
 
 def _download_text(uri: str, run_id: str, artifact: str) -> str:
-    import mlflow.artifacts
+    """A text artifact of a run, through a client of ``uri``: ``mlflow.artifacts.load_text`` would
+    resolve an ``mlflow-artifacts:`` location against the process's default tracking URI instead
+    (a driver given --tracking-uri http://... in a folder without MLFLOW_TRACKING_URI then fails)."""
+    import tempfile
 
-    return mlflow.artifacts.load_text(f"{tracking.client(uri).get_run(run_id).info.artifact_uri}/{artifact}")
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(tracking.client(uri).download_artifacts(run_id, artifact, tmp)).read_text()
 
 
 def _collect_trials(grid, progress: Progress, settings: SweepSettings,

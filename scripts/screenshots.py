@@ -1,9 +1,10 @@
 """Screenshots of what a user browses, as a user's browser shows it: the MLflow UI's chart view of
 an experiment (runs' metrics side by side), a registered model's page, and a sweep's report.
 
-(The runs' sample grids are MLflow images by step; MLflow 3.17's chart view shows them side by
-side at one step once an "Image grid" chart is added with a click, which a headless browser
-without a script of the UI's own cannot do, so that view is not among the pictures.)
+(The runs' sample grids are MLflow images by step: the chart view adds a `samples` image-grid card
+after the metric charts, whose step slider lines the runs' grids up at one step. Driven through
+the DevTools protocol, its enlarged view rendered before its images had loaded, blank: that
+view is not among the pictures.)
 
 Everything is made here, on the CPU, with the shipped 32² DDPM source and the built-in sketch
 task: two short `orchestrate train` runs with different learning rates (the first registered as

@@ -147,6 +147,8 @@ class Cluster:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "ORCHESTRATE_", "MLFLOW_"))}
         self.env.update({
             "HOME": "/tmp/home", "ORCHESTRATE_CACHE": "/tmp/cache", "PYTHONUNBUFFERED": "1",
+            # a node's `python` is the environment's (a Ray Job's entrypoint is `python -m ...`)
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             "MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool",  # as cluster.yaml runs the server
@@ -157,6 +159,8 @@ class Cluster:
         self.address = f"{self._node_ip()}:{self.gcs_port}"
         self.mlflow_port = free_port()
         self.tracking_uri = f"http://127.0.0.1:{self.mlflow_port}"
+        self.dashboard_port = free_port()
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"  # the Jobs API (orchestrate submit)
 
     @staticmethod
     def _node_ip() -> str:
@@ -219,7 +223,7 @@ class Cluster:
                               "--workers", "1"], cwd=self.base)
         self.add_node("head")
         self.start("head-ray", [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.gcs_port}",
-                                "--num-cpus=0", "--include-dashboard=true", "--dashboard-port", str(free_port()),
+                                "--num-cpus=0", "--include-dashboard=true", "--dashboard-port", str(self.dashboard_port),
                                 f"--ray-client-server-port={free_port()}", "--min-worker-port=21000",
                                 "--max-worker-port=21999", *self._ports()], node="head")
         self.wait(lambda: self._port_open(self.gcs_port), 90, "the Ray head")

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from orchestrator import tracking
-from tests.harness import Cluster, can_isolate
+from tests.harness import BIN, Cluster, can_isolate
 from tests.tiny import GAN_SOURCE, TINY_RUN
 
 pytestmark = [pytest.mark.slow,
@@ -106,15 +106,61 @@ def test_train_on_a_worker_node(cluster):
     assert "error" not in res.stderr.lower()
 
 
-def test_sweep_runs_trials_on_both_worker_nodes(cluster):
+def submit(c: Cluster, *args: str, timeout: float = 900):
+    """``orchestrate submit`` from outside the cluster (a laptop: the cluster's token, none of its
+    environment) to the head's Jobs API."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "ORCHESTRATE_"))}
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": c.token})
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", "--address", c.dashboard, *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_sweep_submitted_as_a_job_runs_on_both_workers_and_resumes_after_ray_job_stop(cluster):
+    """The documented way to run on a cluster: `orchestrate submit -- sweep ...` (a Ray Job whose
+    driver runs on the head). Stopped mid-sweep with `ray job stop`, the sweep is recorded KILLED;
+    `--resume` submitted again finishes it, with one trial on each worker."""
+    import re
+    import subprocess
+
     all_nodes_alive(cluster)
-    res = cluster.orchestrate("sweep", "ddpm_finetune", "--task", "tiny.yaml", "--num-samples", "2",
-                              "--max-concurrent", "2", "--metric", "loss", "--scheduler", "fifo", "--name", "sw",
-                              *sets(TINY_RUN + ["run.steps=40"]))
+    where = ["--storage", cluster.storage, "--tracking-uri", cluster.tracking_uri]
+    sweep = ["sweep", "ddpm_finetune", "--task", str(cluster.work / "tiny.yaml"), "--num-samples", "2",
+             "--max-concurrent", "2", "--metric", "loss", "--scheduler", "fifo",
+             *sets(TINY_RUN + ["run.steps=200", "run.report_every=5"]), *where]
+    res = submit(cluster, "--no-wait", "--", *sweep, "--name", "jsw")
     ok(res, cluster)
-    kids = [r for r in runs_of(cluster, "ddpm_finetune") if r.data.tags.get("orchestrate.sweep") == "sw"]
-    assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
-    assert len({k.data.params["node_id"] for k in kids}) == 2  # one trial on each worker
+    job_id = re.search(r"submitted (\S+) to ", res.stdout).group(1)
+
+    def kids():
+        return [r for r in runs_of(cluster, "ddpm_finetune") if r.data.tags.get("orchestrate.sweep") == "jsw"]
+
+    deadline = time.time() + 400
+    while not (len(kids()) == 2 and all(tracking.logged_step(cluster.tracking_uri, k.info.run_id,
+                                                              "orchestrate.logged_step") > 0 for k in kids())):
+        assert time.time() < deadline, f"the sweep's two trials did not start training\n{cluster.tails(15)}"
+        time.sleep(2)
+    env = {**cluster.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token}
+    stop = subprocess.run([str(BIN / "ray"), "job", "stop", job_id, "--address", cluster.dashboard], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
+    exp = tracking.client(cluster.tracking_uri).get_experiment_by_name("ddpm_finetune")
+    deadline = time.time() + 120
+    while tracking.find_run(cluster.tracking_uri, exp.experiment_id, "jsw").info.status == "RUNNING":
+        assert time.time() < deadline, f"the stopped sweep is still RUNNING\n{cluster.tails(15)}"
+        time.sleep(1)
+    assert tracking.find_run(cluster.tracking_uri, exp.experiment_id, "jsw").info.status == "KILLED"
+
+    res = submit(cluster, "--", "sweep", "ddpm_finetune", "--resume", "jsw", *where)
+    ok(res, cluster)
+    assert tracking.find_run(cluster.tracking_uri, exp.experiment_id, "jsw").info.status == "FINISHED"
+    done = kids()
+    assert len(done) == 2 and all(k.info.status == "FINISHED" for k in done)
+    assert len({k.data.params["node_id"] for k in done}) == 2  # one trial on each worker
+    assert all(tracking.logged_step(cluster.tracking_uri, k.info.run_id, "orchestrate.logged_step") == 200
+               for k in done)
 
 
 def test_lifelong_two_tasks_across_nodes(cluster):

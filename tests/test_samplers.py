@@ -40,3 +40,18 @@ def test_a_rebuilt_sampler_is_reproducible_from_its_seed():
         return [t.params["x"] for t in study.trials]
 
     assert run(sweep_sampler(False, 7)) == run(sweep_sampler(False, 7))
+
+
+def test_a_restored_sampler_does_not_redraw_the_configs_it_drew_before():
+    """After a resume the sampler is rebuilt: seeded from the seed alone it would propose the same
+    random start-up configs again; it also counts the study's finished trials."""
+    import pickle
+
+    study = optuna.create_study(sampler=sweep_sampler(False, 7))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    first = [t.params["x"] for t in study.trials]
+    restored = pickle.loads(pickle.dumps(study.sampler))
+    study.sampler = restored
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    again = [t.params["x"] for t in study.trials[3:]]
+    assert not set(first) & set(again), (first, again)

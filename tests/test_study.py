@@ -7,7 +7,7 @@ import pytest
 
 from orchestrator.config import ConfigError
 from orchestrator.study import (check_study_url, default_location, load, open_storage, pull_copy, push_copy,
-                                sqlite_path, warm_start_points)
+                                record_missing, sqlite_path, warm_start_points)
 
 SPACE = {"lr": {"loguniform": [1e-5, 1e-3]}, "t_max": {"int": [200, 1000]}, "kl": {"choice": ["forward", "reverse"]},
          "steps": 300}
@@ -64,3 +64,24 @@ def test_warm_start_points_keep_shared_keys_clip_to_the_new_range_and_fill_from_
     assert any("t_max 1500 clipped to 1000" in n for n in notes)
     assert any("lr 0.01 clipped to 0.001" in n for n in notes)
     assert any("kl takes 'reverse'" in n for n in notes)
+
+
+def test_a_finished_trial_whose_optuna_record_was_closed_is_added_complete_once(tmp_path):
+    """After a driver kill, Tune may close a resumed trial's Optuna twin (FAIL) before the trial
+    finishes; the sweep's record then has a FINISHED trial the study lacks."""
+    import optuna
+    from optuna.trial import TrialState
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    space = {"lr": {"loguniform": [1e-5, 1e-3]}}
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}
+    st = optuna.create_study(storage=open_storage(url), study_name="s")
+    st.add_trial(optuna.trial.create_trial(params={"lr": 1e-4}, distributions=dist, value=0.5))
+    st.add_trial(optuna.trial.create_trial(params={"lr": 2e-4}, distributions=dist, state=TrialState.FAIL))
+    trials = [{"trial_id": "a", "status": "FINISHED", "config": {"lr": 1e-4}, "loss": 0.5},
+              {"trial_id": "b", "status": "FINISHED", "config": {"lr": 2e-4}, "loss": 0.25},
+              {"trial_id": "c", "status": "KILLED", "config": {"lr": 3e-4}, "loss": 0.9}]
+    assert record_missing(url, "s", trials, space, ["loss"]) == 1
+    assert record_missing(url, "s", trials, space, ["loss"]) == 0
+    done = {t.params["lr"]: t.value for t in load(url, "s").trials if t.state == TrialState.COMPLETE}
+    assert done == {1e-4: 0.5, 2e-4: 0.25}

@@ -178,10 +178,11 @@ def test_killed_sweep_resumes_with_every_trial_once(ray_local, workspace):
     for t in trials:
         # A trial RUNNING in MLflow at the kill may have been told COMPLETE to Optuna in the last
         # seconds, after Tune's last saved state: resumed, its second report cannot be told again
-        # (Optuna's finished trials are final) and the study keeps the first one.
+        # (Optuna's finished trials are final) and the study keeps the first one. (One whose first
+        # record was closed otherwise is added again, complete: orchestrator.study.record_missing.)
         if before.get(t["trial_id"]) != "RUNNING":
             assert done[round(t["config"]["lr"], 15)] == pytest.approx(t["loss"]), t
-    assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in study)
+    assert not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in study)
 
 
 def test_ddpm_pa_sweep_with_its_default_space_and_objective(ray_local, workspace):

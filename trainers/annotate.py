@@ -4,7 +4,8 @@ The "self-labeled" guidance signal of Hu et al., "Self-Guided Diffusion Models" 
 arXiv 2210.06462), Sec. 3: a feature function f (a self-supervised backbone) and a
 self-annotation function ξ (k-means) give every training image x a pseudo-label
 k_ξ(x) = ξ(f(x)), used as the class of a classifier-free-guided diffusion model.
-Reference code: dongzhuoyao/self-guided-diffusion-models (``clustering/``); read, not copied.
+Reference code: dongzhuoyao/self-guided-diffusion-models at commit be8f452 (2023-06-02): ``clustering/``;
+read, not copied.
 Choices and differences from the release:
 
 * **Features are L2-normalised** before clustering (release: ``feat /= norm`` before faiss), and,

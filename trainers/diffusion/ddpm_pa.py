@@ -1,6 +1,7 @@
 """``ddpm_pa``: DDPM pairwise adaptation — Zhu, Ma, Chen, Yuan, "Few-shot Image Generation with
-Diffusion Models", arXiv 2211.03264. Reference code: bbzhu-jy16/DomainStudio, ``Unconditional/``,
-``GaussianDiffusion.training_fewshot_losses`` (read, not copied; every difference is listed below).
+Diffusion Models", arXiv 2211.03264. Reference code: bbzhu-jy16/DomainStudio at commit cc69341 (2023-11-04):
+``Unconditional/guided_diffusion/gaussian_diffusion.py``, ``GaussianDiffusion.training_fewshot_losses`` (read, not
+copied; every difference is listed below).
 
 Fine-tuning as in ``ddpm_finetune`` plus three terms that compare the adapted model with a frozen
 copy of the source model on the *same* noisy batch x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε:

@@ -1,5 +1,5 @@
 """``dual_output``: Dynamic Dual-Output Diffusion Models — Benny & Wolf, CVPR 2022.
-Reference code: yanivbenny/dual_diffusion at ``bd785e1``, ``src/diffusion.py``
+Reference code: yanivbenny/dual_diffusion at commit bd785e1 (2022-11-26): ``src/diffusion.py``
 (``GaussianDiffusion.predict_dualx``, ``training_losses``), ``src/respace.py`` and ``compute_fid.py``
 (read, not copied; every choice and difference is listed below).
 

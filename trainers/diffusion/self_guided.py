@@ -1,7 +1,7 @@
 """``self_guided``: self-guided diffusion — Hu, Zhang, Asano, Burghouts, Snoek, "Self-Guided
-Diffusion Models", CVPR 2023, arXiv 2210.06462. Reference code: dongzhuoyao/self-guided-diffusion-
-models @ be8f452 (read, not copied). Every choice and
-every difference from that release is listed below.
+Diffusion Models", CVPR 2023, arXiv 2210.06462. Reference code: dongzhuoyao/self-guided-diffusion-models
+at commit be8f452 (2023-06-02) (read, not copied). Every choice and every difference from that release is
+listed below.
 
 The method. A self-supervised feature function f and a self-annotation function ξ (k-means)
 give each training image a pseudo-label c = ξ(f(x)) (trainers/annotate.py). The DDPM is made

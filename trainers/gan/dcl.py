@@ -1,8 +1,8 @@
 """``dcl``: Dual Contrastive Learning — Zhao, Ding, Huang, Cheung, "A Closer Look at Few-shot Image
 Generation", CVPR 2022 (arXiv 2205.03805).
 
-No training or loss code was released (yunqing-me/A-Closer-Look-at-FSIG holds a README and a
-``model.py`` whose Generator/Discriminator also return intermediate features). What follows is our
+No training or loss code was released (yunqing-me/A-Closer-Look-at-FSIG at commit 7b837f3 (2023-10-30) holds a
+README and a ``model.py`` whose Generator/Discriminator also return intermediate features). What follows is our
 reading of the method (the paper, Sec. 3); every detail marked *unverified* is a choice we made
 and wrote down here, not something we could check against the authors' code.
 

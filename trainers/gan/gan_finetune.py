@@ -2,7 +2,8 @@
 ECCV 2018; the "TGAN" row of CDC/DCL/AdAM/RSSA tables) — a pretrained StyleGAN2's generator and
 discriminator are both fine-tuned on the shots with StyleGAN2's own objective.
 
-One ``train_step`` is one iteration of rosinality/stylegan2-pytorch's ``train.py`` loop:
+One ``train_step`` is one iteration of rosinality/stylegan2-pytorch's ``train.py`` loop (at commit bef283a,
+2021-11-24):
 
 1. D step: L_D = softplus(D(G(z))) + softplus(−D(x)) (logistic loss, ``losses.d_logistic_loss``).
 2. Lazy R1 every ``d_reg_every`` (16) D steps: (γ/2)·||∇_x D(x)||²·d_reg_every, γ = ``r1`` (10).

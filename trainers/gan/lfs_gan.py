@@ -1,6 +1,6 @@
 """``lfs_gan``: LFS-GAN — Seo, Kang, Park, "LFS-GAN: Lifelong Few-Shot Image Generation", ICCV 2023
-(arXiv 2308.11917). Official code: KHU-AGI/LFS-GAN (``lifelong_model.py``, ``train.py``,
-``evaluate_b_lpips.py``), read, not copied.
+(arXiv 2308.11917). Official code: KHU-AGI/LFS-GAN at commit 17c12f7 (2024-01-03): ``lifelong_model.py``,
+``train.py``, ``evaluate_b_lpips.py``; read, not copied.
 
 A lifelong stream of few-shot tasks (Sketches → Female → Sunglasses → Male → Babies, ten shots
 each, in the paper) is learned by one **frozen** pretrained StyleGAN2 generator plus, per task, a

@@ -1,8 +1,8 @@
 """Source StyleGAN2 models: loading and saving the rosinality checkpoint format.
 
 A checkpoint is a ``torch.save`` of a dict with the state dicts ``g_ema`` (required), ``g`` and
-``d`` (optional) — the format of rosinality/stylegan2-pytorch's ``train.py`` and of the few-shot
-GAN papers built on it (CDC, DCL, AdAM, RSSA, LFS-GAN). Files written here add ``"arch"``
+``d`` (optional) — the format of rosinality/stylegan2-pytorch's ``train.py`` (at commit bef283a, 2021-11-24)
+and of the few-shot GAN papers built on it (CDC, DCL, AdAM, RSSA, LFS-GAN). Files written here add ``"arch"``
 (size, style_dim, n_mlp, channel_multiplier, narrow, max_channels, lr_mlp) and provenance keys;
 for foreign files without ``"arch"`` the architecture is inferred from the state-dict shapes.
 

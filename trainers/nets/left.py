@@ -1,7 +1,8 @@
 """LeFT — Learnable Factorized Tensor modulators (Seo, Kang, Park, "LFS-GAN: Lifelong Few-Shot
 Image Generation", ICCV 2023, Sec. 3): a small, rank-constrained, per-task tensor that modulates
 the frozen weights of a pretrained generator. Our own code after the paper and the official
-release (KHU-AGI/LFS-GAN, ``lifelong_model.py``: ``LeFTWeightModulatorConv`` / ``...FC``).
+release (KHU-AGI/LFS-GAN at commit 17c12f7, 2024-01-03; ``lifelong_model.py``: ``LeFTWeightModulatorConv`` /
+``...FC``).
 
 Convolution weight W [C_out, C_in, k, k] (``LeFTConv``), rank r, with the factors
 

@@ -2,8 +2,8 @@
 Quality of StyleGAN", CVPR 2020, config E/F: weight demodulation, skip generator, residual
 discriminator) in plain PyTorch.
 
-The module tree and every parameter / buffer name follow rosinality/stylegan2-pytorch
-(``model.py``), so that its checkpoints (``g_ema``, ``g``, ``d`` state dicts) load with
+The module tree and every parameter / buffer name follow rosinality/stylegan2-pytorch at commit bef283a
+(2021-11-24; ``model.py``), so that its checkpoints (``g_ema``, ``g``, ``d`` state dicts) load with
 ``load_state_dict(strict=True)`` — e.g. ``style.1.weight``, ``input.input``, ``conv1.conv.weight``,
 ``convs.0.conv.modulation.weight``, ``convs.0.conv.blur.kernel``, ``to_rgbs.0.upsample.kernel``,
 ``noises.noise_0``; ``convs.0.0.weight``, ``convs.1.conv2.0.kernel``, ``final_linear.0.weight`` in
