@@ -70,7 +70,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from orchestrator.artifacts import ArtifactRef, fetch, publish, publish_array  # noqa: E402
+from orchestrator.artifacts import ArtifactRef, fetch, publish  # noqa: E402
 from orchestrator.config import PretrainSpec, RunSettings, TaskConfig, builtin_task, resolve  # noqa: E402
 from orchestrator.inputs import make_job, prepare  # noqa: E402
 from orchestrator.job import Job  # noqa: E402
@@ -82,6 +82,7 @@ from orchestrator.sources import (  # noqa: E402
     domain_encoder_for,
     encoder_path,
     is_ready,
+    pretrain_job,
 )
 from orchestrator.storage import data_cache_dir  # noqa: E402
 from trainers.builtin import builtin_encoder  # noqa: E402
@@ -89,7 +90,6 @@ from trainers.data import TARGET_DOMAINS, load_images, to_tensor  # noqa: E402
 from trainers.diffusion.backbone import ddim_sample, load_source  # noqa: E402
 from trainers.metrics import MissingWeightsError, ReferenceStats, available_extractors, evaluate  # noqa: E402
 from trainers.perf import DevicePerf  # noqa: E402
-from trainers.registry import pretrainer  # noqa: E402
 from common import (  # noqa: E402  (benchmarks/common.py)
     RESULTS,
     SAMPLE_SEED_OFFSET,
@@ -176,19 +176,12 @@ def pretrain(task: TaskConfig, folder: Path, storage: str, scratch: Path, thread
     """Pretrain the source DDPM in the one loop as the CLI's ``pretrain_source`` does (the spec's
     pretrainer, method config, data and seed), then copy its export to ``folder``."""
     spec: PretrainSpec = task.source.pretrain
-    cls = pretrainer(task.source.family, spec.pretrainer)
-    settings: dict[str, Any] = {"preset": spec.preset, "batch_size": spec.batch_size}
-    if spec.lr is not None:  # None: the pretrainer's own default (as the CLI)
-        settings["lr"] = spec.lr
-    cfg = cls.Config(**settings)
-    images = load_images(spec.data, task.resolution, count=spec.count, seed=spec.seed, cache_dir=data_cache_dir())
     run = RunSettings(steps=spec.steps, report_every=max(1, min(100, spec.steps)), seed=spec.seed,
                       cpus_per_worker=float(threads), use_gpu=device.type == "cuda")
     clock = Clock()
     with node_cache(scratch):
-        job = Job(kind="pretrain", name=f"pretrain-{folder.name}", method=cls.key, family=task.source.family,
-                  resolution=task.resolution, method_config=cfg.model_dump(mode="json"), run=run,
-                  storage=storage, data=publish_array(images, storage), checkpoint_at=[])
+        job = pretrain_job(task, storage, run=run, name=f"pretrain-{folder.name}").model_copy(
+            update={"checkpoint_at": []})
         result = run_loop(job, StoreSession(storage, job.name, device=device,
                                             on_report=Progress("  pretrain", spec.steps, ("loss",))))
         install(fetch(result.export), task, folder)

@@ -108,13 +108,13 @@ from common import (  # benchmarks/common.py
     settings_of,
     text_table,
 )
-from orchestrator.artifacts import ArtifactRef, fetch, publish, publish_array
+from orchestrator.artifacts import ArtifactRef, fetch, publish
 from orchestrator.config import PretrainSpec, RunSettings, TaskConfig, builtin_task, resolve
 from orchestrator.inputs import make_job, prepare
 from orchestrator.job import Job
 from orchestrator.loop import LoopResult, run_loop
 from orchestrator.session import StoreSession
-from orchestrator.sources import ResolvedSource, cached_source_path, encoder_path, is_ready
+from orchestrator.sources import ResolvedSource, cached_source_path, encoder_path, is_ready, pretrain_job
 from orchestrator.storage import cache_home, data_cache_dir
 from trainers.data import TARGET_DOMAINS, load_images, to_tensor
 from trainers.gan.dcl import DCL
@@ -194,20 +194,13 @@ def pretrain(task: TaskConfig, folder: Path, storage: str, scratch: Path, thread
     spec's pretrainer, method config, data and seed, its report interval), then copy its export
     to ``folder``."""
     spec: PretrainSpec = task.source.pretrain
-    cls = pretrainer(task.source.family, spec.pretrainer)
-    settings: dict[str, Any] = {"preset": spec.preset, "batch_size": spec.batch_size}
-    if spec.lr is not None:
-        settings["lr"] = spec.lr
-    cfg = cls.Config(**settings)
-    images = load_images(spec.data, task.resolution, count=spec.count, seed=spec.seed, cache_dir=data_cache_dir())
     every = max(1, min(250, spec.steps))
     run = RunSettings(steps=spec.steps, report_every=every, seed=spec.seed, cpus_per_worker=float(threads),
                       use_gpu=device.type == "cuda")
     clock = Clock()
     with node_cache(scratch):
-        job = Job(kind="pretrain", name=f"pretrain-{folder.name}", method=cls.key, family=task.source.family,
-                  resolution=task.resolution, method_config=cfg.model_dump(mode="json"), run=run,
-                  storage=storage, data=publish_array(images, storage), checkpoint_at=[])
+        job = pretrain_job(task, storage, run=run, name=f"pretrain-{folder.name}").model_copy(
+            update={"checkpoint_at": []})
         progress = Progress("  pretrain", spec.steps, ("d_loss", "g_loss"), every)
         result = run_loop(job, StoreSession(storage, job.name, device=device, on_report=progress))
         install(fetch(result.export), task, folder)

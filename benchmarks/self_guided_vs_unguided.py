@@ -75,7 +75,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from orchestrator.artifacts import fetch, publish, publish_array  # noqa: E402
+from orchestrator.artifacts import fetch, publish  # noqa: E402
 from orchestrator.config import (  # noqa: E402
     PretrainSpec,
     ResolvedConfig,
@@ -90,12 +90,12 @@ from orchestrator.job import Job  # noqa: E402
 from orchestrator.loop import STATE_FILE, build_method, images_tensor, run_loop  # noqa: E402
 from orchestrator.rng import load_state  # noqa: E402
 from orchestrator.session import StoreSession  # noqa: E402
-from orchestrator.sources import ResolvedSource, cached_source_path, is_ready, pretrain_key  # noqa: E402
-from orchestrator.storage import cache_home, data_cache_dir, remove_run_dir  # noqa: E402
+from orchestrator.sources import ResolvedSource, cached_source_path, is_ready, pretrain_job  # noqa: E402
+from orchestrator.storage import cache_home, remove_run_dir  # noqa: E402
 from orchestrator.tracking import image_grid, png_bytes  # noqa: E402
 from trainers.base import PrepareContext  # noqa: E402
 from trainers.builtin import builtin_classifier  # noqa: E402
-from trainers.data import TARGET_DOMAINS, load_images, render  # noqa: E402
+from trainers.data import TARGET_DOMAINS, render  # noqa: E402
 from trainers.metrics import DomainEncoder, ReferenceStats, evaluate  # noqa: E402
 from trainers.metrics.domain_classifier import DomainClassifier  # noqa: E402
 from trainers.registry import pretrainer  # noqa: E402
@@ -169,15 +169,10 @@ def pretrain_source(args: argparse.Namespace, key: str | None, encoder: Path, wo
     spec = task.source.pretrain
     cls = pretrainer("ddpm", key)
     storage = str(work / "pretrain")
-    images = load_images(spec.data, task.resolution, count=spec.count, seed=spec.seed, cache_dir=data_cache_dir())
     every = max(1, min(250, spec.steps))
     run = RunSettings(steps=spec.steps, report_every=every, sample_every=10 ** 9, seed=spec.seed,
                       keep_checkpoints=1, cpus_per_worker=float(args.threads), use_gpu=device.type == "cuda")
-    job = Job(kind="pretrain", name=pretrain_key(task), method=cls.key, family="ddpm", resolution=task.resolution,
-              method_config=cls.Config(preset=spec.preset, batch_size=spec.batch_size, lr=spec.lr).model_dump(
-                  mode="json"),
-              run=run, storage=storage, data=publish_array(images, storage),
-              domain_encoder=publish(encoder, storage) if cls.uses_domain_encoder else None)
+    job = pretrain_job(task, storage, run=run, encoder=encoder)
     clock = Clock()
 
     def progress(report: dict[str, Any]) -> None:

@@ -274,6 +274,7 @@ def run_evaluate(p: EvaluatePlan, progress: Progress | None = None) -> Evaluatio
 
     from orchestrator import interrupts, tracking
     from orchestrator.evaluation import TAG_EVALUATED_RUN, TAG_MODEL, Scorer
+    from orchestrator.runrecord import recorded_run
     from orchestrator.sampling import load_images as load_samples
 
     uri = p.tracking_uri
@@ -291,11 +292,8 @@ def run_evaluate(p: EvaluatePlan, progress: Progress | None = None) -> Evaluatio
             tags[tracking.TAG_METHOD] = p.model.method
     else:
         tags["orchestrate.images"] = p.images
-    if existing is not None:
-        run_id = existing.info.run_id
-        tracking.reopen_run(uri, run_id)
-    else:
-        run_id = tracking.start_run(uri, exp_id, p.name, tags=tags)
+
+    def first_start(run_id: str) -> None:
         params = {"n": str(p.n), "seed": str(p.seed), "metrics": ",".join(p.metrics), "task": p.task.name,
                   "target": p.model.spec if p.model is not None else p.images}
         if p.sample is not None:
@@ -303,8 +301,10 @@ def run_evaluate(p: EvaluatePlan, progress: Progress | None = None) -> Evaluatio
                            if v is not None})
             params.update(batch_size=str(p.sample.job.batch_size), model_digest=p.model.digest)
         tracking.log_params(uri, run_id, params)
+
     interrupts.current(f"evaluation {p.name}", "the same `orchestrate evaluate` command")
-    try:
+    with recorded_run(uri, exp_id, p.name, existing=existing, tags=tags, on_first_start=first_start) as record:
+        run_id = record.run_id
         t0 = time.perf_counter()
         if p.sample is not None:
             res = run_sample(p.sample, progress)
@@ -323,13 +323,6 @@ def run_evaluate(p: EvaluatePlan, progress: Progress | None = None) -> Evaluatio
         buf.flush()
         grid = samples[np.linspace(0, len(samples) - 1, min(16, len(samples))).astype(int)]
         tracking.log_image_grid(uri, run_id, grid, "samples/evaluated.png")
-        tracking.end_run(uri, run_id, "FINISHED")
-    except KeyboardInterrupt:
-        tracking.end_run(uri, run_id, "KILLED")
-        raise
-    except BaseException:
-        tracking.end_run(uri, run_id, interrupts.status_after_error())
-        raise
     return EvaluationResult(p.name, run_id, exp_id, uri, metrics,
                             samples=p.sample.dest.uri if p.sample is not None else p.images)
 

@@ -53,7 +53,7 @@ _OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def _fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> None:
     """``error: MESSAGE`` on stderr, never wrapped by us (a terminal wraps it; a log keeps one line),
     with no object reprs and no rich markup read into it; then exit ``code``."""
     from rich.markup import escape
@@ -93,7 +93,7 @@ def _print_result(res, what: str) -> None:
     console.print(f"Browse: [bold]{ui_hint(res.tracking_uri, res.experiment_id, res.run_id)}[/]", soft_wrap=True)
 
 
-def _session(address: str | None, body, preflight=None):
+def command_session(address: str | None, body, preflight=None):
     """Run ``preflight()`` (no Ray yet), then start/connect Ray and run ``body(preflight's
     result)``; turn the errors users cause into one line and an exit code, Ctrl-C into KILLED +
     exit 130, and always shut down the Ray instance this command started."""
@@ -164,15 +164,15 @@ def train(
         task_file = task or (None if config else DEFAULT_TASK)
         cfg = resolve(method, task_file=task_file, config_file=config, overrides=overrides)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     # imported once the command line and the task are known good: a typo answers before torch loads
     from orchestrator.train import preflight
     from orchestrator.train import train as run_train
 
-    res = _session(address, lambda checked: run_train(checked[0], name=name, tracking_uri=checked[1],
-                                                      storage=checked[2], restart=restart),
-                   preflight=lambda: preflight(cfg, tracking_uri=tracking_uri, storage=storage, address=address,
-                                               name=name))
+    res = command_session(address, lambda checked: run_train(checked[0], name=name, tracking_uri=checked[1],
+                                                             storage=checked[2], restart=restart),
+                          preflight=lambda: preflight(cfg, tracking_uri=tracking_uri, storage=storage, address=address,
+                                                      name=name))
     if res.already_finished:
         console.print(f"Run [bold]{res.name}[/] already FINISHED (MLflow run {res.run_id}); "
                       "nothing to do. Use --restart to train it again or --name for a new run.")
@@ -188,7 +188,7 @@ def _register(run: str, name: str, tracking_uri: str | None) -> None:
     try:
         uri = register_model(run, name, tracking_uri=tracking_uri)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console.print(f"Registered [bold]{uri}[/]: orchestrate sample {uri} --n 1000 --out samples/", highlight=False)
 
 
@@ -276,7 +276,7 @@ def sweep(
         settings.validate()
         sp = build_space(base, space)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
     sweep_name: dict[str, str] = {}
 
@@ -315,7 +315,7 @@ def sweep(
                          task=task_cfg, study_storage=study_storage, more=more, warm_start=warm_start,
                          warm_top=top)
 
-    res = _session(address, body, preflight=checks)
+    res = command_session(address, body, preflight=checks)
     _print_sweep(res, res.settings, method)  # on --resume, the sweep's own stored settings
 
 
@@ -387,10 +387,10 @@ def best(
         check_tracking_readable(tracking_uri)  # an unreachable server fails in seconds, not minutes
         runs = best_runs(method, metric, mode, task=task, top=top, tracking_uri=tracking_uri, sequence=sequence)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if not runs:
-        _fail(f"no FINISHED {method} run has the metric {metric!r}"
-              + (f" for task {task!r}" if task else ""), code=1)
+        fail(f"no FINISHED {method} run has the metric {metric!r}"
+             + (f" for task {task!r}" if task else ""), code=1)
     from orchestrator.tracking import TAG_TASK
 
     varying = sorted({k for r in runs for k in r.data.params if k.startswith(("method_config.", "run.steps"))
@@ -437,7 +437,7 @@ def report(
         check_tracking_readable(tracking_uri)
         rep = report_sweep(sweep, tracking_uri=tracking_uri, out=out, top_k=top, experiment=experiment)
     except (ConfigError, ReportError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console.print(f"Report of sweep [bold]{sweep}[/] ({rep.finished} finished trial(s)): [bold]{rep.page}[/] "
                   f"(also on the sweep's MLflow run under report/)", highlight=False)
     for metric, imp in rep.importances.items():
@@ -488,7 +488,7 @@ def pretrain_encoder(
     try:
         t = load_task(task)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     path = _guard(lambda: domain_encoder_for(t))
     console.print(f"Domain encoder: [bold]{path}[/]")
     if export is not None:
@@ -516,15 +516,15 @@ def pretrain(
     from orchestrator.sources import cached_source_path, is_ready, pretrain_source
 
     if family not in ("ddpm", "stylegan2"):
-        _fail(f"unknown generator family {family!r}; expected ddpm or stylegan2")
+        fail(f"unknown generator family {family!r}; expected ddpm or stylegan2")
     try:
         t = load_task(task, family=family)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if t.source.family != family:
-        _fail(f"{task}: source.family is {t.source.family!r}, not {family!r}")
+        fail(f"{task}: source.family is {t.source.family!r}, not {family!r}")
     if t.source.model != "pretrained":
-        _fail(f"{task}: source.model is {t.source.model!r}, not 'pretrained': nothing to pretrain")
+        fail(f"{task}: source.model is {t.source.model!r}, not 'pretrained': nothing to pretrain")
     folder = cached_source_path(t)
     if is_ready(t, folder) and not force:
         console.print(f"Source model already cached: [bold]{folder}[/] (use --force to retrain)")
@@ -547,8 +547,8 @@ def pretrain(
             check_resources(1, 1.0, 0.0, local_shape(), what="pretraining")
         return uri, store
 
-    ref, res = _session(address, lambda checked: pretrain_source(t, tracking_uri=checked[0], storage=checked[1],
-                                                                 force=force), preflight=checks)
+    ref, res = command_session(address, lambda checked: pretrain_source(t, tracking_uri=checked[0], storage=checked[1],
+                                                                        force=force), preflight=checks)
     if res is not None:
         _print_result(res, "pretraining")
     console.print(f"Source model: [bold]{folder}[/] (in the run storage: {ref.uri})")
@@ -600,7 +600,7 @@ def lifelong(
         overrides = parse_overrides(set_)
         configs = task_configs(seq, method, overrides, str(tasks))  # validate everything before Ray starts
     except (ConfigError, KeyError) as exc:
-        _fail(str(exc.args[0] if isinstance(exc, KeyError) else exc))
+        fail(str(exc.args[0] if isinstance(exc, KeyError) else exc))
 
     def checks():
         import os
@@ -626,10 +626,10 @@ def lifelong(
             check_resources(*run_resources(configs[0]), local_shape(), what="each task's run")
         return uri, store
 
-    res = _session(address, lambda checked: run_lifelong(seq, method, overrides=overrides, name=name,
-                                                         tracking_uri=checked[0], storage=checked[1],
-                                                         where=str(tasks)),
-                   preflight=checks)
+    res = command_session(address, lambda checked: run_lifelong(seq, method, overrides=overrides, name=name,
+                                                                tracking_uri=checked[0], storage=checked[1],
+                                                                where=str(tasks)),
+                          preflight=checks)
     _print_lifelong(res)
 
 
@@ -676,7 +676,7 @@ def check_task(task: str = typer.Argument(..., help=TASK_HELP)) -> None:
     try:
         t = load_task(task)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     from orchestrator.redact import redact
 
     console.print(yaml.safe_dump(redact(t.model_dump(mode="json")), sort_keys=False), highlight=False)
@@ -703,8 +703,8 @@ def demo(
 
     t0 = time.time()
     cfg = resolve("ddpm_finetune", task_file=DEFAULT_TASK, overrides=DEMO_RUN)
-    res = _session(None, lambda checked: run_train(checked[0], tracking_uri=checked[1], storage=checked[2]),
-                   preflight=lambda: preflight(cfg, tracking_uri=tracking_uri, storage=storage, address=None))
+    res = command_session(None, lambda checked: run_train(checked[0], tracking_uri=checked[1], storage=checked[2]),
+                          preflight=lambda: preflight(cfg, tracking_uri=tracking_uri, storage=storage, address=None))
     if res.already_finished:
         console.print(f"The demo run {res.name} is already FINISHED (MLflow run {res.run_id}).")
     else:
@@ -731,13 +731,13 @@ def runs(
     try:
         uri = check_tracking_readable(tracking_uri)  # an unreachable server fails in seconds, not minutes
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     c = tracking.client(uri)
     exps = [c.get_experiment_by_name(method)] if method else c.search_experiments()
     exps = [e for e in exps if e is not None]
     if not exps:
         known = [e.name for e in c.search_experiments()] if method else []
-        _fail(f"no MLflow experiment {method!r}{did_you_mean(method or '', known)} in {uri}", code=1)
+        fail(f"no MLflow experiment {method!r}{did_you_mean(method or '', known)} in {uri}", code=1)
     flt = f"attributes.status = '{status.upper()}'" if status else ""
     found = c.search_runs([e.experiment_id for e in exps], filter_string=flt,
                           order_by=["attributes.start_time DESC"], max_results=top)
@@ -834,7 +834,7 @@ def sample(
         if not checked.needs_ray:  # every shard is written already
             res = _guard(lambda: api.run_sample(checked))
         else:
-            res = _session(address, lambda _: api.run_sample(checked, bar))
+            res = command_session(address, lambda _: api.run_sample(checked, bar))
     finally:
         bar.close()
     if res.written == 0:
@@ -888,7 +888,7 @@ def evaluate(
         if checked.sample is None or not checked.sample.needs_ray:  # nothing to sample: no Ray
             res = _guard(lambda: api.run_evaluate(checked))
         else:
-            res = _session(address, lambda _: api.run_evaluate(checked, bar))
+            res = command_session(address, lambda _: api.run_evaluate(checked, bar))
     finally:
         bar.close()
     table = Table(show_header=False, box=None)
@@ -922,7 +922,7 @@ def submit(
     try:
         code = submit_job(command, address=address, wait=not no_wait, env=env, stop_grace_s=stop_grace_s)
     except SubmitError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     raise typer.Exit(code)
 
 
@@ -944,11 +944,11 @@ def _guard(fn):
     except user_errors as exc:
         if _DEBUG["on"]:
             raise
-        _fail(str(exc), code=2)
+        fail(str(exc), code=2)
     except Exception as exc:
-        cause = _root_cause(exc)
+        cause = root_cause(exc)
         if isinstance(cause, user_errors) and not _DEBUG["on"]:
-            _fail(str(cause), code=2)
+            fail(str(cause), code=2)
         if isinstance(cause, KeyboardInterrupt):
             raise KeyboardInterrupt from exc
         from orchestrator import interrupts
@@ -958,11 +958,12 @@ def _guard(fn):
         if _DEBUG["on"]:
             raise
         what, _ = interrupts.describe()
-        _fail(f"{what + ' ' if what else ''}failed: {type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
-              " (recorded FAILED in MLflow; rerun with --debug for the traceback)", code=1)
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        fail(f"{what + ' ' if what else ''}failed: {type(cause).__name__}: {first}"
+             " (recorded FAILED in MLflow; rerun with --debug for the traceback)", code=1)
 
 
-def _root_cause(exc: BaseException) -> BaseException:
+def root_cause(exc: BaseException) -> BaseException:
     """The first error in a chain; through Ray Train's ``WorkerGroupError`` (its public
     ``worker_failures``: rank -> exception) to the lowest failed rank's own error, so that a user
     error raised in a worker (a bad checkpoint, a source that does not load) reads as itself."""

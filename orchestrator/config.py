@@ -120,7 +120,7 @@ class RunSettings(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(
         None, gt=0, description="CPUs (and torch threads) per worker; default: with GPUs 1, on CPU the "
-        "cores of the largest node shared among the workers (orchestrator.launch.worker_cpus)")
+        "cluster's cores shared among the workers, at most one node's (orchestrator.launch.default_worker_cpus)")
     gpus_per_worker: float = Field(1.0, gt=0, description="only with use_gpu; fractions share a GPU")
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=-1, description="restarts of a run whose worker died (from its last "

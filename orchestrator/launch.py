@@ -24,6 +24,7 @@ from orchestrator import tracking
 from orchestrator.artifacts import ArtifactRef
 from orchestrator.job import Job
 from orchestrator.lease import Lease
+from orchestrator.runrecord import recorded_run
 from orchestrator.storage import remove_run_dir, run_dir, storage_uri
 
 # Train polls its workers every 2 s by default; metrics then arrive seconds late.
@@ -57,24 +58,34 @@ def quiet_train_logs():
     return ray.train.LoggingConfig(log_level="WARNING")
 
 
-def worker_cpus(run: dict[str, Any]) -> float:
-    """CPUs per Train worker when ``run.cpus_per_worker`` is not set.
+def default_worker_cpus(num_workers: int, use_gpu: bool, node_cpus: list[float]) -> float:
+    """CPUs per Train worker when ``run.cpus_per_worker`` is not set: the one formula that the
+    launcher uses and that the preflight checks against (``orchestrator.train.run_resources``).
 
     A CPU worker computes with as many torch threads as it holds CPUs, so a single worker that
     held one CPU would leave the rest of a 2-core machine idle (the demo's pretraining ran at
-    2.4 steps/s on one thread, 3.9 on two). Default: the cores of the largest alive node shared
-    among the workers, never more than one node has (a worker cannot span nodes) and at least 1.
+    2.4 steps/s on one thread, 3.9 on two). Default: the cores of all ``node_cpus`` shared among
+    the workers, never more than the largest node has (a worker cannot span nodes) and at least 1.
     With GPUs the CPU is only the data feeder: 1.
     """
+    if use_gpu:
+        return 1.0
+    largest, total = max(node_cpus, default=0.0), sum(node_cpus)
+    return float(max(1, int(min(largest, total // max(1, num_workers)))))
+
+
+def alive_node_cpus() -> list[float]:
+    """The CPUs of every alive node of the connected Ray cluster."""
     import ray
 
+    return [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+
+
+def worker_cpus(run: dict[str, Any]) -> float:
+    """CPUs per Train worker of ``run`` on the connected cluster (see ``default_worker_cpus``)."""
     if run.get("cpus_per_worker") is not None:
         return float(run["cpus_per_worker"])
-    if run.get("use_gpu"):
-        return 1.0
-    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    largest, total = max(node_cpus, default=0.0), sum(node_cpus)
-    return float(max(1, int(min(largest, total // max(1, run["num_workers"])))))
+    return default_worker_cpus(run["num_workers"], bool(run.get("use_gpu")), alive_node_cpus())
 
 
 def export_of(metrics: dict[str, Any] | None) -> ArtifactRef | None:
@@ -83,7 +94,7 @@ def export_of(metrics: dict[str, Any] | None) -> ArtifactRef | None:
 
 
 def _finished_export(run) -> ArtifactRef | None:
-    raw = run.data.tags.get("orchestrate.export")
+    raw = run.data.tags.get(tracking.TAG_EXPORT)
     return ArtifactRef.model_validate_json(raw) if raw else None
 
 
@@ -111,41 +122,27 @@ def run_job(job: Job, *, experiment: str, tracking_uri: str | None = None,
         return LaunchResult(name, existing.info.run_id, exp_id, "FINISHED", uri, storage,
                             export=_finished_export(existing), already_finished=True,
                             metrics=dict(existing.data.metrics))
-    resumed = existing is not None
-    run_id = existing.info.run_id if resumed else tracking.start_run(uri, exp_id, name, tags=tags,
-                                                                       parent_run_id=parent_run_id)
-    held = Lease(uri, run_id, f"run {name!r} (MLflow run {run_id})").acquire() if lease else None
-    try:
-        if resumed:
-            tracking.reopen_run(uri, run_id)
-        else:
-            if params:
-                tracking.log_params(uri, run_id, params)
-            if config_yaml:
-                tracking.log_text(uri, run_id, config_yaml, "config.yaml")
-            if sources is not None:
-                from orchestrator.inputs import log_job_inputs
 
-                log_job_inputs(uri, run_id, job, sources)
+    def first_start(run_id: str) -> None:
+        if params:
+            tracking.log_params(uri, run_id, params)
+        if config_yaml:
+            tracking.log_text(uri, run_id, config_yaml, "config.yaml")
+        if sources is not None:
+            from orchestrator.inputs import log_job_inputs
+
+            log_job_inputs(uri, run_id, job, sources)
+
+    with recorded_run(uri, exp_id, name, existing=existing, parent_run_id=parent_run_id, tags=tags,
+                      on_first_start=first_start, lease=f"run {name!r}" if lease else None) as record:
+        run_id, resumed = record.run_id, record.resumed
         job = job.model_copy(update={"tracking_uri": uri, "run_id": run_id, "storage": storage})
-        try:
-            if launcher == "inprocess":
-                metrics = _run_in_process(job)
-            else:
-                metrics = _run_with_train(job, uri, run_id, experiment, resumed)
-        except KeyboardInterrupt:
-            tracking.end_run(uri, run_id, "KILLED")
-            raise
-        except BaseException:
-            tracking.end_run(uri, run_id, "FAILED")
-            raise
+        if launcher == "inprocess":
+            metrics = _run_in_process(job)
+        else:
+            metrics = _run_with_train(job, uri, run_id, experiment, resumed)
         export = export_of(metrics)
-        c = tracking.client(uri)
-        c.set_tag(run_id, "orchestrate.run_dir", folder)
-        tracking.end_run(uri, run_id, "FINISHED")
-    finally:
-        if held is not None:
-            held.release()
+        tracking.client(uri).set_tag(run_id, "orchestrate.run_dir", folder)
     return LaunchResult(name, run_id, exp_id, "FINISHED", uri, storage, export=export, resumed=resumed,
                         metrics={k: v for k, v in (metrics or {}).items() if k != "export"})
 
@@ -154,22 +151,17 @@ def _run_in_process(job: Job) -> dict[str, Any]:
     import ray
     import torch
 
-    from orchestrator.loop import run_loop
     from orchestrator.session import StoreSession
+    from orchestrator.worker import run
 
     on_gpu = ray.is_initialized() and bool(ray.get_gpu_ids()) and torch.cuda.is_available()
     session = StoreSession(job.storage, job.name, device="cuda:0" if on_gpu else "cpu",
                            keep=job.run.keep_checkpoints,
                            node_id=ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local")
-    return run_loop(job, session).metrics
+    return run(job, session).metrics
 
 
 def _run_with_train(job: Job, uri: str, run_id: str, experiment: str, resumed: bool) -> dict[str, Any]:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from orchestrator.loop import train_loop
-
     run = job.run.model_copy(update={"cpus_per_worker": worker_cpus(job.run.model_dump())})
     job = job.model_copy(update={"run": run})
     print(f"[orchestrate] {'resuming' if resumed else 'starting'} {job.name}: {run.steps} steps on "
@@ -177,29 +169,39 @@ def _run_with_train(job: Job, uri: str, run_id: str, experiment: str, resumed: b
           f"{f' + {run.gpus_per_worker:g} GPU' if run.use_gpu else ''}; MLflow run {run_id} "
           f"(experiment {experiment!r})", flush=True)
     tracking.client(uri).set_tag(run_id, "orchestrate.cpus_per_worker", f"{run.cpus_per_worker:g}")
-    resources = {"CPU": run.cpus_per_worker}
-    if run.use_gpu:
-        resources["GPU"] = run.gpus_per_worker
-    # Read by the Train controller (Ray propagates it with the trainer): a worker group that
-    # cannot be placed fails after this long instead of retrying forever.
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(run.start_timeout_s)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"job": job.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(
-            name=job.name, storage_path=job.storage, logging_config=quiet_train_logs(),
-            checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
-            # dead workers (a killed process, a reclaimed node) restart from the last checkpoint;
-            # a group that cannot start is not retried (controller_failure_limit=0)
-            failure_config=FailureConfig(max_failures=run.max_failures, controller_failure_limit=0)),
-    )
+    trainer = torch_trainer(job, storage_path=job.storage, cpus=run.cpus_per_worker,
+                            gpus=run.gpus_per_worker if run.use_gpu else 0.0)
     from orchestrator.progress import ProgressPrinter
 
     with ProgressPrinter(uri, run_id, job.name, run.steps):
         result = fit_in_thread(trainer)
     return dict(result.metrics or {})
+
+
+def torch_trainer(job: Job, *, storage_path: str, cpus: float, gpus: float, callbacks: list | None = None):
+    """The one ``TorchTrainer`` setup: ``job.run.num_workers`` workers of ``cpus`` CPUs (and ``gpus``
+    GPUs) each running ``orchestrator.worker.train_loop``. Dead workers (a killed process, a reclaimed
+    node) restart from the last checkpoint (``run.max_failures``); a worker group that cannot be
+    placed within ``run.start_timeout_s`` fails instead of retrying forever
+    (``controller_failure_limit=0``)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.worker import train_loop
+
+    run = job.run
+    resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    # Read by the Train controller (Ray propagates it with the trainer).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(run.start_timeout_s)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"job": job.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=bool(gpus), resources_per_worker=resources),
+        run_config=RunConfig(
+            name=job.name, storage_path=storage_path, logging_config=quiet_train_logs(), callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=run.max_failures, controller_failure_limit=0)),
+    )
 
 
 def fit_in_thread(trainer):

@@ -36,7 +36,7 @@ from orchestrator.forgetting import empty_matrix, summarize
 from orchestrator.inputs import Inputs, check_data, check_source, data_sources, make_job
 from orchestrator.job import EvalTask
 from orchestrator.launch import export_of, run_job
-from orchestrator.lease import Lease
+from orchestrator.runrecord import recorded_run
 from orchestrator.names import DERIVED_MAX, Name, check_name
 from orchestrator.redact import redact
 from orchestrator.sources import ResolvedSource, domain_encoder_for, resolve_source
@@ -249,42 +249,27 @@ def run_lifelong(seq: SequenceConfig, method: str, *, overrides: dict[str, Any] 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     exp_id = tracking.get_or_create_experiment(uri, experiment_name(seq))
     parent = tracking.find_run(uri, exp_id, name, parent_run_id)
-    fresh = parent is None
-    if fresh:
-        parent_id = tracking.start_run(uri, exp_id, name, parent_run_id=parent_run_id, tags={
-            tracking.TAG_KIND: "lifelong", tracking.TAG_METHOD: method, "orchestrate.sequence": seq.name,
-            tracking.TAG_TASK: seq.name, **(tags or {})})
-    else:
-        parent_id = parent.info.run_id
-    held = Lease(uri, parent_id, f"lifelong run {name!r} (MLflow run {parent_id})").acquire() if lease else None
     if lease:
         tasks_file = shlex.quote(where) if Path(where).is_file() else "<sequence file>"
         interrupts.current(f"lifelong run {name}", f"orchestrate lifelong --tasks {tasks_file} --method "
                            f"{shlex.quote(method)} --name {shlex.quote(name)}")
-    try:
-        if fresh:
-            tracking.log_params(uri, parent_id, {"method": method, "tasks": json.dumps([t.name for t in seq.tasks]),
-                                                 **{f"method_config.{k}": str(v)
-                                                    for k, v in configs[0].method_config.items() if k != "task_id"},
-                                                 **{f"run.{k}": str(v) for k, v in configs[0].run.model_dump().items()}})
-            tracking.log_text(uri, parent_id, yaml.safe_dump(redact(seq.model_dump(mode="json")), sort_keys=False),
-                              "sequence.yaml")
-        else:
-            tracking.reopen_run(uri, parent_id)
+
+    def first_start(run_id: str) -> None:
+        tracking.log_params(uri, run_id, {"method": method, "tasks": json.dumps([t.name for t in seq.tasks]),
+                                          **{f"method_config.{k}": str(v)
+                                             for k, v in configs[0].method_config.items() if k != "task_id"},
+                                          **{f"run.{k}": str(v) for k, v in configs[0].run.model_dump().items()}})
+        tracking.log_text(uri, run_id, yaml.safe_dump(redact(seq.model_dump(mode="json")), sort_keys=False),
+                          "sequence.yaml")
+
+    tags = {tracking.TAG_KIND: "lifelong", tracking.TAG_METHOD: method, "orchestrate.sequence": seq.name,
+            tracking.TAG_TASK: seq.name, **(tags or {})}
+    with recorded_run(uri, exp_id, name, existing=parent, parent_run_id=parent_run_id, tags=tags,
+                      on_first_start=first_start, lease=f"lifelong run {name!r}" if lease else None) as record:
         if inputs is None:
             inputs = prepare_sequence(seq, configs, storage=storage, tracking_uri=uri, lease=lease)
         result = _learn(seq, method, configs, name=name, uri=uri, storage=storage, exp_id=exp_id,
-                        parent_id=parent_id, inputs=inputs, on_task=on_task, launcher=launcher)
-    except KeyboardInterrupt:
-        tracking.end_run(uri, parent_id, "KILLED")
-        raise
-    except BaseException:
-        if tracking.client(uri).get_run(parent_id).info.status == "RUNNING":
-            tracking.end_run(uri, parent_id, interrupts.status_after_error())
-        raise
-    finally:
-        if held is not None:
-            held.release()
+                        parent_id=record.run_id, inputs=inputs, on_task=on_task, launcher=launcher)
     if on_task is not None:
         # a sweep's scheduler may stop the trial at this report: nothing may be left to do after it
         on_task(len(configs) - 1, prefix_summary(result.matrices, len(configs) - 1))
@@ -342,12 +327,11 @@ def _learn(seq: SequenceConfig, method: str, configs: list, *, name: str, uri: s
         summary.update(summarize(R[metric], metric))
     summary["trainable_parameters_per_task"] = float(params_per_task)
     _record(uri, parent_id, seq, R, summary)
-    tracking.end_run(uri, parent_id, "FINISHED")
     return LifelongResult(name, parent_id, uri, [t.name for t in seq.tasks], R, summary, params_per_task)
 
 
 def _export_tag(run) -> ArtifactRef | None:
-    return export_of({"export": run.data.tags.get("orchestrate.export")})
+    return export_of({"export": run.data.tags.get(tracking.TAG_EXPORT)})
 
 
 def _record(uri: str, parent_id: str, seq: SequenceConfig, R: dict[str, np.ndarray], summary: dict[str, float]) -> None:

@@ -3,18 +3,20 @@
 ``run_loop(job, session)`` builds the method from the typed :class:`~orchestrator.job.Job`, fetches
 what it needs into the node's cache (source, encoder, images: ``orchestrator.artifacts``), and
 steps it. Every ``report_every`` steps it reports metrics (and, when due, a checkpoint) through the
-session — Ray Train, Tune, or a storage folder (``orchestrator.session``); rank 0 also logs to the
-MLflow run the driver created. A restarted run continues from the newest checkpoint *exactly*:
-weights, optimisers, EMA, step, and every RNG (``orchestrator.rng``) are in it.
+session — Ray Train, Tune, or a storage folder (``orchestrator.session``) — and records the run
+through a recorder (``orchestrator.recorder``: the MLflow run the driver created, in production;
+memory in tests and benchmarks); this module never imports MLflow. A restarted run continues from
+the newest checkpoint *exactly*: weights, optimisers, EMA, step, and every RNG
+(``orchestrator.rng``) are in it.
 
 Device performance is set here, once, for every method (``trainers.perf.DevicePerf``):
 precision, fused optimisers, channels_last, TF32, compile. ``train_step`` returns tensors that
 stay on the device; the loop reads them at reports only (one host sync per report, which also
 checks that every loss was finite), never per step.
 
-Metrics of re-run steps are not logged twice: rank 0 records the last step it logged in the run's
-``orchestrate.logged_step`` tag and, after a resume, skips what is logged already (the resumed run
-recomputes exactly the same values).
+Metrics of re-run steps are not logged twice: the recorder keeps the last step logged (an MLflow
+run: its ``orchestrate.logged_step`` tag, sent with the metrics) and, after a resume, the loop skips
+what is logged already (the resumed run recomputes exactly the same values).
 """
 
 from __future__ import annotations
@@ -31,16 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchestrator import tracking
 from orchestrator.artifacts import ArtifactRef, fetch, load_array, publish
 from orchestrator.config import ConfigError
 from orchestrator.job import Job
+from orchestrator.recorder import NullRecorder, Recorder
 from orchestrator.rng import capture, load_state, restore, seed_everything
 from orchestrator.session import Session
 from orchestrator.storage import cache_home
 
 STATE_FILE = "state.pt"
-TAG_LOGGED = "orchestrate.logged_step"
 
 
 class CheckpointError(ConfigError):
@@ -297,8 +298,15 @@ class _Window:
         return out
 
 
-def run_loop(job: Job, session: Session) -> LoopResult:
-    """Train ``job`` to ``job.run.steps``, resuming from the session's newest checkpoint."""
+def run_loop(job: Job, session: Session, recorder: Recorder | None = None) -> LoopResult:
+    """Train ``job`` to ``job.run.steps``, resuming from the session's newest checkpoint, recording
+    through ``recorder`` (default: nothing; a job that names an MLflow run needs its recorder,
+    ``orchestrator.worker.recorder_for``)."""
+    if recorder is None:
+        if job.run_id is not None and session.rank == 0:
+            raise ValueError(f"job {job.name} records to MLflow run {job.run_id}: pass its recorder "
+                             "(orchestrator.worker.run does)")
+        recorder = NullRecorder()
     from trainers.common import random_batch
     from trainers.base import PrepareContext
 
@@ -337,28 +345,25 @@ def run_loop(job: Job, session: Session) -> LoopResult:
         encoder_path = fetch(job.domain_encoder) if job.domain_encoder is not None else None
         method.prepare(images, PrepareContext(domain_encoder=encoder_path, cache_dir=cache_home() / "annotations"))
 
-    log = rank == 0 and job.run_id is not None
-    uri, run_id = job.tracking_uri, job.run_id
-    buffer = tracking.MetricBuffer(uri, run_id) if log else None
-    logged_through = tracking.logged_step(uri, run_id, TAG_LOGGED) if log else -1
+    rec = recorder if rank == 0 else NullRecorder()
+    log = rec.active
+    logged_through = rec.logged_through() if log else -1
 
     def grid(step: int, sampling_steps: int) -> None:
         with phases("grids"):
             samples = method.sample(run.grid_size, steps=sampling_steps, seed=run.seed)
-            tracking.log_image_grid(uri, run_id, samples.numpy(), f"samples/step_{step:06d}.png", step=step)
+            rec.log_grid(samples.numpy(), f"samples/step_{step:06d}.png", step=step)
 
     with phases("mlflow"):
         if log:  # where this attempt runs, and what it resumed from (a restart after a fault, a resume)
             tags = {"orchestrate.node_id": session.node_id}
             if start > 0:
                 tags["orchestrate.restored_from_step"] = str(start)
-            for k, v in tags.items():
-                tracking.client(uri).set_tag(run_id, k, v)
+            rec.set_tags(tags)
         if log and start == 0:
-            tracking.log_params(uri, run_id, {"trainable_parameters": str(method.trainable_parameters()),
-                                              "world_size": str(world), "device": str(device),
-                                              "precision": str(perf.amp_dtype or "fp32"),
-                                              "node_id": session.node_id})
+            rec.log_params({"trainable_parameters": str(method.trainable_parameters()),
+                            "world_size": str(world), "device": str(device),
+                            "precision": str(perf.amp_dtype or "fp32"), "node_id": session.node_id})
     if log and start == 0 and logged_through < 0:
         grid(0, run.grid_sample_steps)
 
@@ -369,9 +374,8 @@ def run_loop(job: Job, session: Session) -> LoopResult:
             baselines = evaluator.baselines(method)
         if baselines:
             with phases("mlflow"):
-                b = tracking.MetricBuffer(uri, run_id)
-                b.add(baselines, 0)
-                b.flush()
+                rec.add_metrics(baselines, 0)
+                rec.flush()
     last_eval: dict[str, float] = {}
     steps, every = run.steps, run.report_every
     batch_size, hflip = method.config.batch_size, method.config.hflip
@@ -405,37 +409,37 @@ def run_loop(job: Job, session: Session) -> LoopResult:
         report: dict[str, Any] = {k: float(v.mean()) for k, (_, v) in values.items()}
         report.update(step=step + 1, steps_per_s=n_steps / seconds,
                       images_per_s=n_steps * batch_size * world / seconds)
-        if buffer is not None:
+        if log:
             for k, (at, v) in values.items():
                 for s, x in zip(at, v):
                     if s > logged_through:
-                        buffer.add({k: float(x)}, s)
+                        rec.add_metrics({k: float(x)}, s)
         if evaluator is not None and evaluator.due(step + 1, last):
             with phases("eval"):
                 last_eval = evaluator(method, last)
-            if buffer is not None and step + 1 > logged_through:
-                buffer.add(last_eval, step + 1)
+            if log and step + 1 > logged_through:
+                rec.add_metrics(last_eval, step + 1)
         report.update(last_eval)  # between evaluations, the last values (schedulers need them)
-        if buffer is not None and step + 1 > logged_through:
-            buffer.add({"steps_per_s": report["steps_per_s"], "images_per_s": report["images_per_s"]}, step + 1)
+        if log and step + 1 > logged_through:
+            rec.add_metrics({"steps_per_s": report["steps_per_s"], "images_per_s": report["images_per_s"]}, step + 1)
         if last and rank == 0:
             # Before the final report: a scheduler may stop the trial as soon as it sees it.
             with phases("export"):
-                export = finish(job, method, log)
+                export = finish(job, method, rec)
             report["export"] = export.model_dump_json()
             if job.lifelong_eval:
                 with phases("eval"):
                     rows = evaluator.earlier_tasks(method)
                 report.update(rows)
-                if buffer is not None:
-                    buffer.add(rows, step + 1)
+                if log:
+                    rec.add_metrics(rows, step + 1)
             report["trainable_parameters"] = float(method.trainable_parameters())
             report.update(phases.metrics())
-            if buffer is not None:
-                buffer.add(phases.metrics(), step + 1)
+            if log:
+                rec.add_metrics(phases.metrics(), step + 1)
         with phases("mlflow"):
-            if buffer is not None:
-                buffer.flush(tags={TAG_LOGGED: str(max(step + 1, logged_through))})  # one request
+            if log:
+                rec.flush(max(step + 1, logged_through))  # metrics and how far they go, together
         reports.append(report)
         with phases("checkpoint" if job.wants_checkpoint(step + 1) else "report"), \
                 tempfile.TemporaryDirectory() as tmp:
@@ -466,10 +470,9 @@ def weights_digest(method) -> str:
     return h.hexdigest()
 
 
-def finish(job: Job, method, log: bool) -> ArtifactRef:
+def finish(job: Job, method, recorder: Recorder) -> ArtifactRef:
     """Rank 0, after the last step: export the generator to the run storage (content-keyed, so
     the driver and any later task can fetch it on any node), the final grid, the model artifact."""
-    uri, run_id = job.tracking_uri, job.run_id
     with tempfile.TemporaryDirectory() as tmp:
         folder = method.export(Path(tmp) / "model")
         if job.kind == "adapt":  # an adapted generator is also an MLflow model (registrable)
@@ -477,16 +480,8 @@ def finish(job: Job, method, log: bool) -> ArtifactRef:
 
             write_mlmodel(folder)
         ref = publish(folder, job.storage)
-        if log:
+        if recorder.active:
             samples = method.sample(job.run.grid_size, seed=job.run.seed)
-            tracking.log_image_grid(uri, run_id, samples.numpy(), "samples/final.png")
-            tracking.log_artifacts(uri, run_id, folder, "model")
-            tracking.client(uri).set_tag(run_id, "orchestrate.export", ref.model_dump_json())
+            recorder.log_grid(samples.numpy(), "samples/final.png")
+            recorder.log_model(folder, ref.model_dump_json())
     return ref
-
-
-def train_loop(config: dict[str, Any]) -> None:
-    """The Ray Train worker entry point (``TorchTrainer(train_loop, train_loop_config={"job": ...})``)."""
-    from orchestrator.session import TrainSession
-
-    run_loop(Job.model_validate(config["job"]), TrainSession())

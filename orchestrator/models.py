@@ -70,7 +70,7 @@ def resolve_model(spec: str, tracking_uri: str | None = None) -> ResolvedModel:
     tags = run.data.tags
     known = dict(run_id=run.info.run_id, run_name=tags.get(tracking.TAG_NAME) or run.info.run_name,
                  method=tags.get(tracking.TAG_METHOD), task=tags.get(tracking.TAG_TASK))
-    raw = tags.get("orchestrate.export")
+    raw = tags.get(tracking.TAG_EXPORT)
     if raw:
         ref = ArtifactRef.model_validate_json(raw)
         try:

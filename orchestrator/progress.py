@@ -19,7 +19,7 @@ EVALUATED = SHOWN[1:]
 
 
 class ProgressPrinter:
-    def __init__(self, tracking_uri: str, run_id: str, name: str, steps: int, tag: str = "orchestrate.logged_step",
+    def __init__(self, tracking_uri: str, run_id: str, name: str, steps: int, tag: str = tracking.TAG_LOGGED,
                  interval_s: float = 1.0):
         self.uri, self.run_id, self.name, self.steps, self.tag = tracking_uri, run_id, name, steps, tag
         self.interval = interval_s

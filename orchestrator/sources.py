@@ -23,12 +23,16 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.artifacts import ArtifactRef, fetch, lookup, point, publish, publish_array
 from orchestrator.config import InputError, RunSettings, TaskConfig
 from orchestrator.launch import LaunchResult, run_job
 from orchestrator.storage import data_cache_dir, sources_dir, storage_uri
 from trainers.registry import pretrainer, source_ready
+
+if TYPE_CHECKING:
+    from orchestrator.job import Job
 
 
 @dataclass
@@ -85,8 +89,6 @@ def pretrain_source(task: TaskConfig, *, tracking_uri: str | None = None, storag
     """The task's own source model (DDPM or StyleGAN2, pretrained on its source domain), as an
     artifact in the run storage: from this node's cache, from the storage, or trained now (a Ray
     Train run recorded in the MLflow experiment ``pretrain-<family>``)."""
-    from trainers.data import load_images
-
     spec, family = task.source.pretrain, task.source.family
     storage = storage_uri(storage)
     key = pretrain_key(task)
@@ -98,24 +100,11 @@ def pretrain_source(task: TaskConfig, *, tracking_uri: str | None = None, storag
             return ref, None
         ref = lookup(storage, f"sources/{key}")
         if ref is not None:
-            _enter_local(fetch(ref), folder)
+            enter_local(fetch(ref), folder)
             return ref, None
-    cls = pretrainer(family, spec.pretrainer)
-    settings = {"preset": spec.preset, "batch_size": spec.batch_size}
-    if spec.lr is not None:
-        settings["lr"] = spec.lr
-    method_config = cls.Config(**settings)
-    run = run or RunSettings(steps=spec.steps, report_every=max(1, min(250, spec.steps)),
-                             sample_every=max(1, min(500, spec.steps)), seed=spec.seed)
     print(f"[orchestrate] pretraining the {family} source model {key} on {spec.data} ({spec.steps} steps); "
           f"kept in the run storage and in {folder} for later runs", flush=True)
-    images = load_images(spec.data, task.resolution, count=spec.count, seed=spec.seed, cache_dir=data_cache_dir())
-    from orchestrator.job import Job
-
-    encoder = publish(domain_encoder_for(task), storage) if cls.uses_domain_encoder else None
-    job = Job(kind="pretrain", name=key, method=cls.key, family=family, resolution=task.resolution,
-              method_config=method_config.model_dump(mode="json"), run=run, storage=storage,
-              data=publish_array(images, storage), domain_encoder=encoder)
+    job = pretrain_job(task, storage, run=run)
     params = {f"pretrain.{k}": str(v) for k, v in spec.model_dump(mode="json").items()}
     params.update(resolution=str(task.resolution), family=family)
     result = run_job(job, experiment=f"pretrain-{family}", tracking_uri=tracking_uri, params=params,
@@ -123,11 +112,37 @@ def pretrain_source(task: TaskConfig, *, tracking_uri: str | None = None, storag
     if result.export is None:
         raise RuntimeError(f"pretraining {key} finished but recorded no exported model")
     point(storage, f"sources/{key}", result.export)
-    _enter_local(fetch(result.export), folder)
+    enter_local(fetch(result.export), folder)
     return result.export, result
 
 
-def _enter_local(src: Path, folder: Path) -> None:
+def pretrain_job(task: TaskConfig, storage: str, *, run: RunSettings | None = None, name: str | None = None,
+                 encoder: Path | None = None) -> "Job":
+    """The job that pretrains ``task``'s source from ``task.source.pretrain``: its pretrainer with the
+    spec's preset, batch size and lr (unset: the pretrainer's own), the spec's images published to
+    ``storage``, and the domain encoder when the pretrainer uses one (``encoder``, else the task's,
+    trained now when missing). ``run`` defaults to the spec's steps and seed; ``name`` to the
+    pretraining key. The CLI's ``pretrain``, the tests and the benchmarks all start here."""
+    from orchestrator.job import Job
+    from trainers.data import load_images
+
+    spec, family = task.source.pretrain, task.source.family
+    cls = pretrainer(family, spec.pretrainer)
+    settings = {"preset": spec.preset, "batch_size": spec.batch_size}
+    if spec.lr is not None:
+        settings["lr"] = spec.lr
+    run = run or RunSettings(steps=spec.steps, report_every=max(1, min(250, spec.steps)),
+                             sample_every=max(1, min(500, spec.steps)), seed=spec.seed)
+    images = load_images(spec.data, task.resolution, count=spec.count, seed=spec.seed, cache_dir=data_cache_dir())
+    domain_encoder = None
+    if cls.uses_domain_encoder:
+        domain_encoder = publish(encoder or domain_encoder_for(task), storage)
+    return Job(kind="pretrain", name=name or pretrain_key(task), method=cls.key, family=family,
+               resolution=task.resolution, method_config=cls.Config(**settings).model_dump(mode="json"), run=run,
+               storage=storage, data=publish_array(images, storage), domain_encoder=domain_encoder)
+
+
+def enter_local(src: Path, folder: Path) -> None:
     """A copy of a fetched source under its pretraining key in this node's cache."""
     if folder.exists():
         return

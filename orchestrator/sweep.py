@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 from orchestrator import interrupts, tracking
 from orchestrator.config import ConfigError, ResolvedConfig, TaskConfig, apply_overrides
 from orchestrator.inputs import Inputs, data_sources, log_job_inputs, make_job, prepare
-from orchestrator.lease import Lease
-from orchestrator.launch import quiet_train_logs
+from orchestrator.runrecord import recorded_run
+from orchestrator.launch import torch_trainer
 from orchestrator.redact import has_redacted, redact
 from orchestrator.report import TRIALS_FILE, report_on_run
 from orchestrator.storage import run_dir, storage_uri
@@ -154,7 +154,7 @@ def _trial_status_callback(tracking_uri: str, experiment_id: str, parent_run_id:
     return MlflowTrialStatus()
 
 
-def _inputs_from(static: dict[str, Any]) -> Inputs:
+def inputs_from(static: dict[str, Any]) -> Inputs:
     from orchestrator.artifacts import ArtifactRef
     from orchestrator.sources import ResolvedSource
 
@@ -167,7 +167,7 @@ def _inputs_from(static: dict[str, Any]) -> Inputs:
                   target_domain=static["inputs"].get("target_domain"))
 
 
-def _inputs_to(inputs: Inputs) -> dict[str, Any]:
+def inputs_to(inputs: Inputs) -> dict[str, Any]:
     def dump(ref):
         return ref.model_dump() if ref is not None else None
 
@@ -191,56 +191,38 @@ def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:
         # that in its state: give Tune the recorded result instead of training it again.
         tune.report({**existing.data.metrics, "step": cfg.run.steps})
         return
-    if existing is not None:  # the trial is resumed (sweep interrupted, or its process died)
-        run_id = existing.info.run_id
-        tracking.reopen_run(uri, run_id)
-    else:
-        run_id = tracking.start_run(uri, exp_id, trial_id, parent_run_id=parent, tags={
-            tracking.TAG_KIND: "trial", TAG_TRIAL: trial_id, TAG_SWEEP: static["sweep_name"],
-            tracking.TAG_TASK: cfg.task.name, tracking.TAG_METHOD: cfg.method,
-            "orchestrate.source": static["source_name"]})
+    job = make_job(cfg, inputs_from(static), name=trial_id, storage=static["trials_storage"],
+                   checkpoint_at=static["checkpoint_at"], run_overrides={"cpus_per_worker": static["cpus"]})
+
+    def first_start(run_id: str) -> None:
         tracking.log_params(uri, run_id, cfg.flat_params())
         tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
-    job = make_job(cfg, _inputs_from(static), name=trial_id, storage=static["trials_storage"],
-                   checkpoint_at=static["checkpoint_at"], run_overrides={"cpus_per_worker": static["cpus"]})
-    job = job.model_copy(update={"tracking_uri": uri, "run_id": run_id})
-    if existing is None:
         log_job_inputs(uri, run_id, job, data_sources(cfg))
-    if cfg.run.num_workers == 1:
-        from orchestrator.loop import run_loop
-        from orchestrator.session import TuneSession
 
-        run_loop(job, TuneSession())
-    else:
-        _fit_torch_trainer(job, static)
-    tracking.end_run(uri, run_id, "FINISHED")
-    # Only a normal end is recorded here: when Tune stops or loses a trial, this function is
+    tags = {tracking.TAG_KIND: "trial", TAG_TRIAL: trial_id, TAG_SWEEP: static["sweep_name"],
+            tracking.TAG_TASK: cfg.task.name, tracking.TAG_METHOD: cfg.method,
+            "orchestrate.source": static["source_name"]}
+    # A resumed trial (sweep interrupted, or its process died) reopens its run. Only a normal end
+    # is recorded here (end_on_error=False): when Tune stops or loses a trial, this function is
     # interrupted in ways that look like errors, so the sweep driver's callback records those.
+    with recorded_run(uri, exp_id, trial_id, existing=existing, parent_run_id=parent, tags=tags,
+                      on_first_start=first_start, end_on_error=False) as record:
+        job = job.model_copy(update={"tracking_uri": uri, "run_id": record.run_id})
+        if cfg.run.num_workers == 1:
+            from orchestrator.session import TuneSession
+            from orchestrator.worker import run
+
+            run(job, TuneSession())
+        else:
+            _fit_torch_trainer(job, static)
 
 
 def _fit_torch_trainer(job, static: dict[str, Any]) -> None:
     """A multi-worker trial: a TorchTrainer launched from the trial, reporting through Tune."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.loop import train_loop
-
-    run = job.run
-    resources = {"CPU": static["cpus"]}
-    if static["gpus"]:
-        resources["GPU"] = static["gpus"]
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(run.start_timeout_s)
-    trainer = TorchTrainer(
-        train_loop, train_loop_config={"job": job.model_dump(mode="json")},
-        scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=bool(static["gpus"]),
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=job.name, logging_config=quiet_train_logs(), storage_path=static["trials_storage"],
-            callbacks=[TuneReportCallback()],
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=run.max_failures, controller_failure_limit=0)),
-    )
+    trainer = torch_trainer(job, storage_path=static["trials_storage"], cpus=static["cpus"], gpus=static["gpus"],
+                            callbacks=[TuneReportCallback()])
     trainer.fit()  # inside a Tune trial: not the main thread, Ray Train installs no signal handler
 
 
@@ -441,7 +423,6 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
             else:
                 sequence = stored
             overrides = state.get("overrides") or {}
-        parent_id = parent.info.run_id
     elif parent is not None:
         raise ConfigError(f"--name {name}: a sweep of that name exists; use --resume {name} or another name")
     else:
@@ -454,28 +435,32 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
         points = None
         if warm_start is not None:
             points = warm_start_config(uri, warm_start, warm_top, space, base, settings)
-        parent_id = tracking.start_run(uri, exp_id, name, tags={
-            tracking.TAG_KIND: "sweep", tracking.TAG_TASK: sequence.name if sequence is not None else base.task.name,
-            tracking.TAG_METHOD: base.method, **({TAG_WARM_START: warm_start} if warm_start else {})})
-    lease = Lease(uri, parent_id, f"sweep {name!r} (MLflow run {parent_id})").acquire()
     interrupts.current(f"sweep {name}", f"orchestrate sweep {shlex.quote(base.method)} --resume {shlex.quote(name)}"
                        + (" --tasks <sequence file>" if sequence is not None else ""))
-    try:
-        if resume:
-            tracking.reopen_run(uri, parent_id)
-        else:
-            params = {f"sweep.{k}": (json.dumps(v) if isinstance(v, list) else str(v))
-                      for k, v in settings.__dict__.items()}
-            params.update({f"space.{k}": json.dumps(v) for k, v in space.items()})
-            params.update({f"base.{k}": v for k, v in base.flat_params().items()})
-            tracking.log_params(uri, parent_id, params)
-            tracking.log_text(uri, parent_id, json.dumps(redact({
-                "base": base.model_dump(mode="json"), "space": space, "settings": settings.__dict__,
-                "sequence": sequence.model_dump(mode="json") if sequence is not None else None,
-                "overrides": overrides or {}, "study": study,
-                "warm_start": {"sweep": warm_start, "top": warm_top, "points": points} if warm_start else None}),
-                indent=2), "sweep.json")
-            tracking.log_text(uri, parent_id, base.to_yaml(), "base_config.yaml")
+
+    def first_start(parent_id: str) -> None:
+        params = {f"sweep.{k}": (json.dumps(v) if isinstance(v, list) else str(v))
+                  for k, v in settings.__dict__.items()}
+        params.update({f"space.{k}": json.dumps(v) for k, v in space.items()})
+        params.update({f"base.{k}": v for k, v in base.flat_params().items()})
+        tracking.log_params(uri, parent_id, params)
+        tracking.log_text(uri, parent_id, json.dumps(redact({
+            "base": base.model_dump(mode="json"), "space": space, "settings": settings.__dict__,
+            "sequence": sequence.model_dump(mode="json") if sequence is not None else None,
+            "overrides": overrides or {}, "study": study,
+            "warm_start": {"sweep": warm_start, "top": warm_top, "points": points} if warm_start else None}),
+            indent=2), "sweep.json")
+        tracking.log_text(uri, parent_id, base.to_yaml(), "base_config.yaml")
+
+    def on_error(parent_id: str, status: str) -> None:
+        _end_open_runs(uri, exp_id, parent_id, status)  # the trials still open too
+        _save_study(study)
+
+    tags = {tracking.TAG_KIND: "sweep", tracking.TAG_TASK: sequence.name if sequence is not None else base.task.name,
+            tracking.TAG_METHOD: base.method, **({TAG_WARM_START: warm_start} if warm_start else {})}
+    with recorded_run(uri, exp_id, name, existing=parent if resume else None, tags=tags,
+                      on_first_start=first_start, lease=f"sweep {name!r}", on_error=on_error) as record:
+        parent_id = record.run_id
         if study is not None:
             studies.pull_copy(study["url"], study["copy"])  # a resume on another machine
         if more:
@@ -485,18 +470,7 @@ def run_sweep(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettin
                       exp_id=exp_id, parent_id=parent_id, sweep_path=sweep_path, verbose=verbose,
                       sequence=sequence, overrides=overrides or {}, study=study, round_no=round_no,
                       more=more, points=points)
-    except KeyboardInterrupt:
-        _end_open_runs(uri, exp_id, parent_id, "KILLED")
         _save_study(study)
-        lease.release()
-        raise
-    except BaseException:
-        _end_open_runs(uri, exp_id, parent_id, interrupts.status_after_error())
-        _save_study(study)
-        lease.release()
-        raise
-    _save_study(study)
-    lease.release()
     return result
 
 
@@ -578,7 +552,7 @@ def _fit(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettings, *
     else:
         inputs = prepare(base, storage=storage, tracking_uri=uri, stats=True, lease=False)
         progress = Progress("step", base.run.steps)
-        static = {**common, "base": base.public_dump(), "inputs": _inputs_to(inputs),
+        static = {**common, "base": base.public_dump(), "inputs": inputs_to(inputs),
                   "source_name": inputs.source.describe(),
                   "checkpoint_at": checkpoint_steps(base, settings, progress)}
         driver, workers = trial_driver, base.run.num_workers
@@ -623,7 +597,7 @@ def _fit(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettings, *
     if resume or round_no > 0:
         # a trial that never reported is known by its folder, whose name holds its id
         known = [t["trial_id"] for t in trials] + [Path(str(grid[i].path)).name for i in range(len(grid))]
-        _retire_orphans(uri, exp_id, parent_id, known)
+        retire_orphans(uri, exp_id, parent_id, known)
     if study is not None:
         _close_orphan_study_trials(study)
         _complete_study(study, trials, space, settings)
@@ -636,7 +610,7 @@ def _fit(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettings, *
                        study["url"] if study else None)
 
 
-def _retire_orphans(uri: str, exp_id: str, parent_id: str, known: list[str]) -> None:
+def retire_orphans(uri: str, exp_id: str, parent_id: str, known: list[str]) -> None:
     """Trials that started (and opened an MLflow run) after Tune's last experiment-state save
     before the sweep driver was killed: the restored Tune run does not know them, so their config
     was proposed again as a new trial. Their MLflow runs are closed KILLED, tagged, and moved to

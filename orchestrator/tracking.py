@@ -23,6 +23,8 @@ TAG_NAME = "orchestrate.name"
 TAG_KIND = "orchestrate.kind"
 TAG_TASK = "orchestrate.task"
 TAG_METHOD = "orchestrate.method"
+TAG_LOGGED = "orchestrate.logged_step"  # the last step whose metrics a run recorded
+TAG_EXPORT = "orchestrate.export"  # where the run's exported generator lives (an ArtifactRef as JSON)
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -207,6 +209,42 @@ class MetricBuffer:
         for j, chunk in enumerate(chunks):
             c.log_batch(self.run_id, metrics=chunk, tags=run_tags if j == len(chunks) - 1 else [])
         self._pending = []
+
+
+class MlflowRecorder:
+    """The training loop's recorder (``orchestrator.recorder``) for one MLflow run: rank 0 of a
+    run that the driver created. Metrics are buffered and sent by ``flush`` in one ``log_batch``
+    request with the ``orchestrate.logged_step`` tag (see ``MetricBuffer.flush``)."""
+
+    active = True
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._buffer = MetricBuffer(tracking_uri, run_id)
+
+    def logged_through(self) -> int:
+        return logged_step(self.tracking_uri, self.run_id, TAG_LOGGED)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        c = client(self.tracking_uri)
+        for k, v in tags.items():
+            c.set_tag(self.run_id, k, v)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        log_params(self.tracking_uri, self.run_id, params)
+
+    def add_metrics(self, values: dict[str, float], step: int) -> None:
+        self._buffer.add(values, step)
+
+    def flush(self, logged_through: int | None = None) -> None:
+        self._buffer.flush(tags=None if logged_through is None else {TAG_LOGGED: str(logged_through)})
+
+    def log_grid(self, images: np.ndarray, name: str, step: int | None = None) -> None:
+        log_image_grid(self.tracking_uri, self.run_id, images, name, step=step)
+
+    def log_model(self, folder: Path, export: str) -> None:
+        log_artifacts(self.tracking_uri, self.run_id, folder, "model")
+        client(self.tracking_uri).set_tag(self.run_id, TAG_EXPORT, export)
 
 
 def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:

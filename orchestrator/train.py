@@ -9,21 +9,20 @@ from orchestrator import interrupts, tracking
 from orchestrator.config import ResolvedConfig, apply_overrides
 from orchestrator.inputs import (check_data, check_metric_networks, check_source, data_sources, make_job, prepare,
                                  source_resolution)
-from orchestrator.launch import LaunchResult, run_job
+from orchestrator.launch import LaunchResult, alive_node_cpus, default_worker_cpus, run_job
 from orchestrator.preflight import check_all
 from orchestrator.raycluster import check_resources, cluster_shapes, local_shape
 from orchestrator.sources import locate_source, resolve_source
 
 
-def run_resources(cfg: ResolvedConfig, nodes_cpus: float | None = None) -> tuple[int, float, float]:
-    """(workers, CPUs per worker, GPUs per worker) the run will ask for."""
+def run_resources(cfg: ResolvedConfig, node_cpus: list[float] | None = None) -> tuple[int, float, float]:
+    """(workers, CPUs per worker, GPUs per worker) the run will ask for on nodes with ``node_cpus``
+    (default: this machine alone), by the launcher's own formula."""
     run = cfg.run
     if run.cpus_per_worker is not None:
         cpus = run.cpus_per_worker
-    elif run.use_gpu:
-        cpus = 1.0
-    else:  # the default of orchestrator.launch.worker_cpus: the node's cores shared, at least 1
-        cpus = float(max(1, int((nodes_cpus or os.cpu_count() or 1) // run.num_workers)))
+    else:
+        cpus = default_worker_cpus(run.num_workers, run.use_gpu, node_cpus or [float(os.cpu_count() or 1)])
     return run.num_workers, cpus, (run.gpus_per_worker if run.use_gpu else 0.0)
 
 
@@ -79,12 +78,9 @@ def preflight(cfg: ResolvedConfig, *, tracking_uri: str | None, storage: str | N
 def train(cfg: ResolvedConfig, *, name: str | None = None, tracking_uri: str | None = None,
           storage: str | None = None, restart: bool = False) -> LaunchResult:
     """Ray is up (``preflight`` ran before it started)."""
-    import ray
-
     uri = tracking.resolve_tracking_uri(tracking_uri)
     name = name or cfg.default_name()
-    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=None)
-    check_resources(*run_resources(cfg, largest), cluster_shapes(), what=f"run {name}")
+    check_resources(*run_resources(cfg, alive_node_cpus()), cluster_shapes(), what=f"run {name}")
     source = resolve_source(cfg.task, tracking_uri=uri, storage=storage)
     if cfg.task.source.model == "pretrained":
         check_source(cfg, source.local, source.hub_id)

@@ -130,25 +130,14 @@ def ray_local():
 def _pretrain_in_process(task, storage: str) -> None:
     """Pretrain ``task``'s tiny source with the one training loop, in this process (no Ray), into
     the node cache under its pretraining key: what ``orchestrate pretrain`` would leave there."""
-    from orchestrator.artifacts import fetch, publish_array
-    from orchestrator.config import RunSettings
-    from orchestrator.job import Job
+    from orchestrator.artifacts import fetch
     from orchestrator.loop import run_loop
     from orchestrator.session import StoreSession
-    from orchestrator.sources import _enter_local, cached_source_path, pretrain_key
-    from trainers.data import load_images
-    from trainers.registry import pretrainer
+    from orchestrator.sources import cached_source_path, enter_local, pretrain_job
 
-    spec, family = task.source.pretrain, task.source.family
-    cls = pretrainer(family, spec.pretrainer)
-    settings = {"preset": spec.preset, "batch_size": spec.batch_size, **({"lr": spec.lr} if spec.lr else {})}
-    images = load_images(spec.data, task.resolution, count=spec.count, seed=spec.seed)
-    job = Job(kind="pretrain", name=pretrain_key(task), method=cls.key, family=family, resolution=task.resolution,
-              method_config=cls.Config(**settings).model_dump(mode="json"),
-              run=RunSettings(steps=spec.steps, report_every=spec.steps, seed=spec.seed), storage=storage,
-              data=publish_array(images, storage))
+    job = pretrain_job(task, storage)
     result = run_loop(job, StoreSession(storage, job.name))
-    _enter_local(fetch(result.export), cached_source_path(task))
+    enter_local(fetch(result.export), cached_source_path(task))
 
 
 @pytest.fixture(scope="session")

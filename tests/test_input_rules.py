@@ -320,10 +320,10 @@ def test_a_validator_message_shows_the_value_once(tmp_path):
 
 
 def test_errors_are_one_line_without_object_reprs_or_colour_codes(capsys):
-    from orchestrator.cli import _fail
+    from orchestrator.cli import fail
 
     with pytest.raises(typer.Exit) as e:
-        _fail("shots/a.png: cannot identify image file <_io.BytesIO object at 0x7f3a2b1c0d90> \x1b[31mred\x1b[0m "
+        fail("shots/a.png: cannot identify image file <_io.BytesIO object at 0x7f3a2b1c0d90> \x1b[31mred\x1b[0m "
               + "word " * 40 + "[bold]not markup[/bold]")
     assert e.value.exit_code == 2
     err = capsys.readouterr().err
@@ -347,7 +347,7 @@ def test_every_interruption_gives_a_shell_quoted_resume_hint(here, monkeypatch, 
     import sys
 
     from orchestrator import interrupts
-    from orchestrator.cli import _session
+    from orchestrator.cli import command_session
 
     monkeypatch.setattr(sys, "argv", ["orchestrate", "train", "ddpm_finetune", "--task", "my tasks/t.yaml"])
 
@@ -355,7 +355,7 @@ def test_every_interruption_gives_a_shell_quoted_resume_hint(here, monkeypatch, 
         raise KeyboardInterrupt
 
     with pytest.raises(typer.Exit) as e:
-        _session(None, lambda checked: None, preflight=interrupted)
+        command_session(None, lambda checked: None, preflight=interrupted)
     assert e.value.exit_code == 130
     err = " ".join(capsys.readouterr().err.split())
     assert "run the same command again" in err
@@ -366,6 +366,6 @@ def test_every_interruption_gives_a_shell_quoted_resume_hint(here, monkeypatch, 
         raise KeyboardInterrupt
 
     with pytest.raises(typer.Exit):
-        _session(None, lambda checked: None, preflight=named_then_interrupted)
+        command_session(None, lambda checked: None, preflight=named_then_interrupted)
     err = " ".join(capsys.readouterr().err.split())
     assert "run x is recorded KILLED" in err and "--resume 'a b'" in err

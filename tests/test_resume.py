@@ -64,14 +64,14 @@ def _job(root: Path, method: str, name: str):
     return make_job(cfg, inputs, name=name, storage=storage)
 
 
-def _run(job, stop_after: int | None = None):
+def _run(job, stop_after: int | None = None, recorder=None):
     def on_report(metrics):
         if stop_after is not None and metrics["step"] == stop_after:
             raise Interrupt
 
     session = StoreSession(job.storage, job.name, on_report=on_report)
     try:
-        return run_loop(job, session), session
+        return run_loop(job, session, recorder), session
     except Interrupt:
         return None, session
 
@@ -100,6 +100,40 @@ def test_interrupted_and_resumed_run_is_bit_identical(sources, method):
     assert straight.export == resumed.export  # the same content digest
     for key in ("fid_domain", "intra_dist_domain", "kid_domain"):
         assert straight.metrics[key] == resumed.metrics[key], key
+
+
+def test_the_loop_records_each_step_once_through_its_recorder_across_a_resume(sources):
+    """The recorder seam: the loop records into whatever recorder it is given (here in memory) and,
+    resumed, skips what that recorder already holds, as it does with an MLflow run's tag."""
+    from orchestrator.recorder import MemoryRecorder
+
+    rec = MemoryRecorder()
+    job = _job(sources, "ddpm_finetune", "recorded")
+    _run(job, stop_after=15, recorder=rec)  # stops after the report at 15; the checkpoint is at 10
+    assert rec.logged_through() == 15
+    result, _ = _run(job, recorder=rec)  # resumes at 10: steps 11..15 run again, recorded once
+    assert [s for s, _ in rec.history("loss")] == list(range(1, 31))
+    assert rec.grid_steps == [0, 10, 20, 30] and "samples/final.png" in rec.grids
+    assert rec.grids["samples/step_000030.png"].shape[1:] == (3, 16, 16)
+    assert rec.tags["orchestrate.restored_from_step"] == "10"
+    assert rec.params["world_size"] == "1" and int(rec.params["trainable_parameters"]) > 0
+    assert rec.export == result.export.model_dump_json() and "model_index.json" in rec.model_files
+    assert [s for s, _ in rec.history("fid_domain")][-1] == 30
+
+
+def test_a_job_with_an_mlflow_run_refuses_to_run_without_its_recorder(sources):
+    job = _job(sources, "ddpm_finetune", "unrecorded").model_copy(update={"run_id": "0123abcd"})
+    with pytest.raises(ValueError, match="pass its recorder"):
+        run_loop(job, StoreSession(job.storage, job.name))
+
+
+def test_the_training_loop_never_imports_mlflow():
+    import subprocess
+    import sys
+
+    code = "import sys, orchestrator.loop, orchestrator.recorder; print('mlflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_checkpoints_load_on_the_cpu_and_rng_states_restore_with_their_own_apis(tmp_path):
@@ -170,7 +204,7 @@ def test_cli_reports_a_worker_error_as_itself():
     """Ray Train wraps a worker's exception in WorkerGroupError; the CLI reads the failed rank's own."""
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from orchestrator.cli import _root_cause
+    from orchestrator.cli import root_cause
     from orchestrator.loop import CheckpointError
 
     inner = CheckpointError("checkpoint /x: no rng_rank0.pt")
@@ -180,4 +214,4 @@ def test_cli_reports_a_worker_error_as_itself():
         except WorkerGroupError as exc:
             raise RuntimeError("fit failed") from exc
     except RuntimeError as outer:
-        assert _root_cause(outer) is inner
+        assert root_cause(outer) is inner

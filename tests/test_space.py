@@ -85,7 +85,7 @@ def test_a_resumed_sweep_retires_trials_that_tune_never_recorded(tmp_path, capsy
     from mlflow.entities import ViewType
 
     from orchestrator import tracking
-    from orchestrator.sweep import TAG_TRIAL, _retire_orphans
+    from orchestrator.sweep import TAG_TRIAL, retire_orphans
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = tracking.get_or_create_experiment(uri, "sweeps")
@@ -94,7 +94,7 @@ def test_a_resumed_sweep_retires_trials_that_tune_never_recorded(tmp_path, capsy
     for trial in ("aaaa0001", "aaaa0002", "bbbb0003"):
         ids[trial] = tracking.start_run(uri, exp, trial, parent_run_id=parent, tags={TAG_TRIAL: trial})
     tracking.end_run(uri, ids["aaaa0001"], "FINISHED")
-    _retire_orphans(uri, exp, parent, ["aaaa0001", "trial_driver_aaaa0002_2_lr=0.001"])
+    retire_orphans(uri, exp, parent, ["aaaa0001", "trial_driver_aaaa0002_2_lr=0.001"])
     c = tracking.client(uri)
     active = {r.data.tags[TAG_TRIAL] for r in c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
     assert active == {"aaaa0001", "aaaa0002"}

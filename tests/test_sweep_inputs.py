@@ -8,7 +8,7 @@ import json
 from orchestrator.artifacts import ArtifactRef
 from orchestrator.inputs import Inputs
 from orchestrator.sources import ResolvedSource
-from orchestrator.sweep import _inputs_from, _inputs_to
+from orchestrator.sweep import inputs_from, inputs_to
 
 
 def ref(name: str) -> ArtifactRef:
@@ -20,8 +20,8 @@ def test_every_input_field_reaches_the_trials():
                   domain_encoder=ref("encoder"), reference_stats=ref("stats"),
                   domain_classifier=ref("classifier"), target_domain="sketch")
     assert all(getattr(full, f.name) is not None for f in dataclasses.fields(Inputs))  # the test covers all
-    static = json.loads(json.dumps({"inputs": _inputs_to(full)}))  # what Tune's static config carries
-    back = _inputs_from(static)
+    static = json.loads(json.dumps({"inputs": inputs_to(full)}))  # what Tune's static config carries
+    back = inputs_from(static)
     for f in dataclasses.fields(Inputs):
         if f.name != "source":
             assert getattr(back, f.name) == getattr(full, f.name), f.name
@@ -31,8 +31,8 @@ def test_every_input_field_reaches_the_trials():
 def test_a_sweep_saved_before_the_classifier_travelled_still_resumes():
     full = Inputs(source=ResolvedSource(ref("source"), None, None), data=ref("data"), reference=None,
                   domain_encoder=ref("encoder"))
-    static = {"inputs": _inputs_to(full)}
+    static = {"inputs": inputs_to(full)}
     for key in ("domain_classifier", "target_domain"):
         static["inputs"].pop(key)
-    back = _inputs_from(static)
+    back = inputs_from(static)
     assert back.domain_classifier is None and back.target_domain is None and back.data == full.data

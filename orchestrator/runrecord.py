@@ -1,0 +1,74 @@
+"""One MLflow run's life on the driver, written once: start it or reopen it, hold its lease, record
+what it is on its first start, and end it with the status that says what happened.
+
+Every command that records a run goes through :func:`recorded_run`: a training run
+(``orchestrator.launch``), a sweep and each of its trials (``orchestrator.sweep``), a lifelong
+sequence (``orchestrator.lifelong``; its tasks are training runs) and an evaluation
+(``orchestrator.api``). Finding the run and deciding what a FINISHED one means stay with the caller
+(a finished training run is kept, a finished sweep takes ``--more``), because that differs.
+
+End status: FINISHED when the body returns; KILLED on Ctrl-C / SIGTERM (``KeyboardInterrupt``, or
+an error raised while an interrupt was being handled: ``orchestrator.interrupts``); FAILED on any
+other error. A run that the body ended itself (a sequence stopped by a sweep's scheduler is KILLED
+inside it) keeps its status. Nothing is left RUNNING, except on purpose: a sweep trial
+(``end_on_error=False``) is closed by the sweep driver, which knows whether Tune stopped it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from orchestrator import interrupts, tracking
+from orchestrator.lease import Lease
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    tracking_uri: str
+    experiment_id: str
+    name: str
+    run_id: str
+    resumed: bool  # an existing run reopened (a resume, or a restart after a fault)
+
+
+def end_if_running(tracking_uri: str, run_id: str, status: str) -> None:
+    """End the run with ``status`` unless it has ended already (its status is then kept)."""
+    if tracking.client(tracking_uri).get_run(run_id).info.status == "RUNNING":
+        tracking.end_run(tracking_uri, run_id, status)
+
+
+@contextlib.contextmanager
+def recorded_run(tracking_uri: str, experiment_id: str, name: str, *, existing: Any | None,
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 on_first_start: Callable[[str], None] | None = None, lease: str | None = None,
+                 end_on_error: bool = True,
+                 on_error: Callable[[str, str], None] | None = None) -> Iterator[RunRecord]:
+    """The run ``name``: ``existing`` (an MLflow run found by the caller) reopened, or a new one
+    started with ``tags`` (under ``parent_run_id``). ``lease``: what the run is, for the lease that
+    refuses a second live driver of it (None: covered by a parent's lease). ``on_first_start(run_id)``
+    records params, config and inputs, once. ``on_error(run_id, status)`` replaces the default
+    ending on an error (a sweep also closes its open trials)."""
+    resumed = existing is not None
+    if resumed:
+        run_id = existing.info.run_id
+    else:
+        run_id = tracking.start_run(tracking_uri, experiment_id, name, tags=tags, parent_run_id=parent_run_id)
+    held = Lease(tracking_uri, run_id, f"{lease} (MLflow run {run_id})").acquire() if lease else None
+    try:
+        try:
+            if resumed:
+                tracking.reopen_run(tracking_uri, run_id)
+            elif on_first_start is not None:
+                on_first_start(run_id)
+            yield RunRecord(tracking_uri, experiment_id, name, run_id, resumed)
+        except BaseException as exc:
+            if end_on_error:
+                status = "KILLED" if isinstance(exc, KeyboardInterrupt) else interrupts.status_after_error()
+                (on_error or (lambda rid, st: end_if_running(tracking_uri, rid, st)))(run_id, status)
+            raise
+        end_if_running(tracking_uri, run_id, "FINISHED")
+    finally:
+        if held is not None:
+            held.release()
