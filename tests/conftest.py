@@ -127,26 +127,48 @@ def ray_local():
         ray.shutdown()
 
 
-def _pretrain_in_process(task, storage: str) -> None:
-    """Pretrain ``task``'s tiny source with the one training loop, in this process (no Ray), into
-    the node cache under its pretraining key: what ``orchestrate pretrain`` would leave there."""
-    from orchestrator.artifacts import fetch
-    from orchestrator.loop import run_loop
-    from orchestrator.session import StoreSession
-    from orchestrator.sources import cached_source_path, enter_local, pretrain_job
+def _random_source(task) -> None:
+    """``task``'s source as an untrained network of its pretrainer's architecture (the preset, the
+    resolution), put in the node cache under its pretraining key, where ``orchestrate pretrain``
+    would leave the trained one. The tests that pretrain are marked ``cold_cache``."""
+    import torch
 
-    job = pretrain_job(task, storage)
-    result = run_loop(job, StoreSession(storage, job.name))
-    enter_local(fetch(result.export), cached_source_path(task))
+    from orchestrator.sources import cached_source_path
+
+    spec, folder = task.source.pretrain, cached_source_path(task)
+    torch.manual_seed(spec.seed)
+    if task.source.family == "ddpm":
+        from trainers.diffusion.backbone import build_unet, default_scheduler, save_source
+
+        save_source(build_unet(spec.preset, task.resolution), default_scheduler(), folder)
+    else:
+        from trainers.gan.pretrain import GANPretrain, GANPretrainConfig
+        from trainers.gan.source import save_gan_source
+
+        g = GANPretrain(GANPretrainConfig(preset=spec.preset), task.resolution, "cpu")
+        save_gan_source(folder, g.g, g.g_ema, g.d)
+
+
+def _random_encoder(task) -> None:
+    """The task's domain encoder, untrained (the architecture that SimCLR would train), where
+    ``orchestrator.sources.domain_encoder_for`` looks for it."""
+    import numpy as np
+
+    from orchestrator.sources import encoder_path
+    from trainers.metrics import train_domain_encoder
+
+    noise = np.random.default_rng(0).integers(0, 256, (2, task.resolution, task.resolution, 3), dtype=np.uint8)
+    train_domain_encoder(noise, steps=0, resolution=task.resolution, seed=task.source.pretrain.seed).save(
+        encoder_path(task))
 
 
 @pytest.fixture(scope="session")
 def tiny_sources(tmp_path_factory):
     """The tiny DDPM and StyleGAN2 sources and the domain encoder that the end-to-end tests' task
-    files describe, trained once per session (in process), so that a test pretrains only when it
-    tests pretraining (``@pytest.mark.cold_cache``)."""
+    files describe, made once per session in memory with random weights (no pretraining: the fast
+    lane stays fast, and no test needs a source that learned its domain), so that a test
+    pretrains only when it tests pretraining (``@pytest.mark.cold_cache``)."""
     from orchestrator.config import TaskConfig
-    from orchestrator.sources import domain_encoder_for
     from tests.tiny import GAN_SOURCE, TINY_TASK
 
     root = tmp_path_factory.mktemp("tiny-sources")
@@ -155,8 +177,8 @@ def tiny_sources(tmp_path_factory):
     try:
         for source in (TINY_TASK["source"], GAN_SOURCE):
             task = TaskConfig.model_validate({**TINY_TASK, "source": source})
-            _pretrain_in_process(task, str(root / "runs"))
-            domain_encoder_for(task)
+            _random_source(task)
+            _random_encoder(task)
     finally:
         if saved is None:
             os.environ.pop("ORCHESTRATE_CACHE", None)
