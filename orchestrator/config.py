@@ -64,7 +64,9 @@ class SourceSpec(_Strict):
     model: str = Field(
         "pretrained",
         description="'pretrained' = the project's own source model (trained once from `pretrain` and "
-        "cached), or a diffusers folder, a .pt checkpoint, or a Hub id already on disk",
+        "cached), 'builtin' = the one this repository ships for the family and resolution (the default of a "
+        "task file that gives neither `model` nor `pretrain` where one is shipped), or a diffusers folder, a "
+        ".pt checkpoint, or a Hub id already on disk",
     )
     pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
     resize_to_source: bool = Field(False, description="true: the task takes the source model's resolution "
@@ -282,6 +284,16 @@ def load_task(path: str | Path, family: str = "ddpm") -> TaskConfig:
         task = TaskConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(str(path), exc, TaskConfig)) from None
+    source_raw = raw.get("source") if isinstance(raw.get("source"), dict) else {}
+    if "model" not in source_raw and "pretrain" not in source_raw:
+        from trainers.builtin import shipped_source
+
+        # A task that names no source model and describes no pretraining adapts the source this
+        # repository ships for its family and resolution (trained on the synthetic source domain,
+        # see trainers/builtin), rather than pretraining a new tiny one first. A `pretrain:` block,
+        # or `model: pretrained`, asks for the project's own pretraining instead.
+        if shipped_source(task.source.family, task.resolution):
+            task.source.model = "builtin"
     base = path.parent.resolve()
     task.target.data = _resolve_local(task.target.data, base)
     if task.reference is not None:

@@ -31,7 +31,21 @@ def test_minimal_task_fills_defaults_and_resolves_paths(tmp_path):
     task = load_task(write(tmp_path, {"target": {"data": "shots"}}))
     assert task.name == "task"
     assert task.target.data == str((tmp_path / "shots").resolve())
-    assert task.source.model == "pretrained" and task.resolution == 32
+    # no source named, no pretraining described, a shipped source at 32 px: that one is adapted
+    assert task.source.model == "builtin" and task.resolution == 32
+
+
+def test_a_task_without_source_model_adapts_the_shipped_source_unless_it_asks_for_pretraining(tmp_path):
+    (tmp_path / "shots").mkdir()
+    target = {"target": {"data": "shots"}}
+    gan = load_task(write(tmp_path, {**target, "source": {"family": "stylegan2"}}))
+    assert gan.source.model == "builtin"
+    own = load_task(write(tmp_path, {**target, "source": {"pretrain": {"steps": 100}}}))
+    assert own.source.model == "pretrained"  # a pretrain block: the project's own pretraining
+    asked = load_task(write(tmp_path, {**target, "source": {"model": "pretrained"}}))
+    assert asked.source.model == "pretrained"
+    small = load_task(write(tmp_path, {**target, "resolution": 16}))
+    assert small.source.model == "pretrained"  # nothing shipped at 16 px
 
 
 def test_unknown_key_names_file_key_and_allowed_keys(tmp_path):
