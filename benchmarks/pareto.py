@@ -51,7 +51,8 @@ def run_pair(args) -> dict:
     from orchestrator.config import resolve
     from orchestrator.raycluster import init_ray, shutdown
     from orchestrator.space import build_space
-    from orchestrator.sweep import SweepSettings, pareto_front, run_sweep
+    from orchestrator.space import pareto_front
+    from orchestrator.sweep import SweepSettings, run_sweep
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -920,7 +920,8 @@ def submit(
     from orchestrator.submit import submit as submit_job
 
     try:
-        code = submit_job(command, address=address, wait=not no_wait, env=env, stop_grace_s=stop_grace_s)
+        code = submit_job(command, commands=typer.main.get_command(app), address=address, wait=not no_wait, env=env,
+                          stop_grace_s=stop_grace_s)
     except SubmitError as exc:
         fail(str(exc))
     raise typer.Exit(code)

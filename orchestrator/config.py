@@ -15,19 +15,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.errors import ConfigError, InputError  # noqa: F401 (re-exported: the errors users cause)
 from orchestrator.names import NAME_MAX, DerivedName, check_name, did_you_mean
 from trainers.registry import SOURCE_FAMILIES, check_family, get_method, method_family
 
 if TYPE_CHECKING:  # the methods (and torch) are imported when a method is used, not to read a task
     from trainers.base import MethodConfig
-
-
-class ConfigError(ValueError):
-    """Invalid configuration; the message names the file (or flag), the key and what was expected."""
-
-
-class InputError(ConfigError):
-    """Bad input found before anything starts (data, source model, URIs, resources); exit code 2."""
 
 
 class _Strict(BaseModel):

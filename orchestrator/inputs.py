@@ -190,23 +190,3 @@ def data_sources(cfg: ResolvedConfig) -> dict[str, str]:
     if t.reference is not None:
         out["reference"] = t.reference.data
     return out
-
-
-def log_job_inputs(tracking_uri: str, run_id: str, job: Job, sources: dict[str, str]) -> None:
-    """The run's inputs in MLflow's Datasets panel: the shots and the reference set (the sha256 of
-    their published ``.npy``, i.e. of the decoded uint8 images, and their count) and the source
-    model (the digest of its files); ``sources`` says where each came from."""
-    from orchestrator import tracking
-    from orchestrator.artifacts import manifest_of
-
-    for name, ref, context in (("shots", job.data, "training"), ("reference", job.reference, "evaluation")):
-        if ref is None:
-            continue
-        path = fetch(ref)
-        count = int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0])
-        digest = manifest_of(path)["files"][path.name]
-        tracking.log_dataset(tracking_uri, run_id, name, digest, sources.get(name, ref.uri), count, context,
-                             resolution=job.resolution)
-    if job.source is not None:
-        tracking.log_dataset(tracking_uri, run_id, "source", job.source.digest, sources.get("source", job.source.uri),
-                             0, "source", artifact=job.source.short(), family=job.family)

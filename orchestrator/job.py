@@ -7,12 +7,26 @@ node); files come through the run storage and the node-local cache (``orchestrat
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.artifacts import ArtifactRef
 from orchestrator.config import RunSettings
+
+
+def checkpoint_schedule(run: RunSettings, rungs: Iterable[int] = ()) -> list[int]:
+    """The steps at which a run checkpoints, besides its last one (which always does); only a report
+    step can checkpoint. ``run.checkpoint_every`` when set; else, for a sweep trial (``rungs``: its
+    ASHA rungs), the first report at or after each rung, where the scheduler may stop it; else
+    every report. The one place this is decided: the driver puts the list in the job."""
+    every = run.report_every
+    if run.checkpoint_every is not None:  # a multiple of report_every (RunSettings checks)
+        return list(range(run.checkpoint_every, run.steps, run.checkpoint_every))
+    rungs = list(rungs)
+    if rungs:
+        return sorted({-(-r // every) * every for r in rungs})
+    return list(range(every, run.steps, every))
 
 
 class EvalTask(BaseModel):
@@ -52,15 +66,14 @@ class Job(BaseModel):
 
     tracking_uri: str | None = None
     run_id: str | None = None
-    checkpoint_at: list[int] | None = Field(None, description="steps that take a checkpoint (besides the "
-                                            "last); None: run.checkpoint_every, else every report")
+    checkpoint_at: list[int] | None = Field(None, description="steps that take a checkpoint besides the last "
+                                            "(checkpoint_schedule); not given: the run's own schedule")
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "Job":
+        if self.checkpoint_at is None:
+            self.checkpoint_at = checkpoint_schedule(self.run)
+        return self
 
     def wants_checkpoint(self, step: int) -> bool:
-        if step == self.run.steps:
-            return True
-        if step % self.run.report_every:
-            return False
-        if self.checkpoint_at is not None:
-            return step in self.checkpoint_at
-        every = self.run.checkpoint_every or self.run.report_every
-        return step % every == 0
+        return step == self.run.steps or (step % self.run.report_every == 0 and step in self.checkpoint_at)

@@ -24,7 +24,7 @@ from orchestrator import tracking
 from orchestrator.artifacts import ArtifactRef
 from orchestrator.job import Job
 from orchestrator.lease import Lease
-from orchestrator.runrecord import recorded_run
+from orchestrator.runrecord import log_job_inputs, recorded_run
 from orchestrator.storage import remove_run_dir, run_dir, storage_uri
 
 # Train polls its workers every 2 s by default; metrics then arrive seconds late.
@@ -129,8 +129,6 @@ def run_job(job: Job, *, experiment: str, tracking_uri: str | None = None,
         if config_yaml:
             tracking.log_text(uri, run_id, config_yaml, "config.yaml")
         if sources is not None:
-            from orchestrator.inputs import log_job_inputs
-
             log_job_inputs(uri, run_id, job, sources)
 
     with recorded_run(uri, exp_id, name, existing=existing, parent_run_id=parent_run_id, tags=tags,

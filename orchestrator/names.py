@@ -80,7 +80,7 @@ def check_name(name: object, what: str, limit: int = NAME_MAX) -> str:
     key) and the reason, in one line."""
     why = problem(name, limit)
     if why is not None:
-        from orchestrator.config import ConfigError
+        from orchestrator.errors import ConfigError
 
         shown = _shown(name) if isinstance(name, str) else repr(name)
         raise ConfigError(f"{what} {shown}: {why}")

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import tracking
+from orchestrator.space import optuna_distributions, pareto_front
 
 MIN_TRIALS = 3
 TRIALS_FILE = "trials.json"
@@ -42,27 +43,6 @@ REPORT_DIR = "report"
 
 class ReportError(ValueError):
     """A report that cannot be made (no such sweep, no trials recorded): one line for the user."""
-
-
-def optuna_distributions(space: dict[str, Any]) -> dict[str, Any]:
-    """The sweep space's sampled keys (``{uniform|loguniform|int|choice: ...}``, see
-    ``orchestrator.space``) as Optuna distributions; constants are left out."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    out: dict[str, Any] = {}
-    for key, spec in space.items():
-        if not isinstance(spec, dict):
-            continue
-        kind, args = next(iter(spec.items()))
-        if kind == "uniform":
-            out[key] = FloatDistribution(float(args[0]), float(args[1]))
-        elif kind == "loguniform":
-            out[key] = FloatDistribution(float(args[0]), float(args[1]), log=True)
-        elif kind == "int":
-            out[key] = IntDistribution(int(args[0]), int(args[1]), step=int(args[2]) if len(args) == 3 else 1)
-        else:
-            out[key] = CategoricalDistribution(list(args))
-    return out
 
 
 def study_of(trials: list[dict[str, Any]], space: dict[str, Any], metrics: list[str], modes: list[str]):
@@ -123,7 +103,6 @@ class Report:
 
 def rank_trials(trials: list[dict[str, Any]], metrics: list[str], modes: list[str], k: int) -> list[dict[str, Any]]:
     """The k best FINISHED trials on the first objective (the Pareto front first with several)."""
-    from orchestrator.sweep import pareto_front
 
     done = [t for t in trials if t.get("status") == "FINISHED" and t.get(metrics[0]) is not None]
     sign = 1 if modes[0] == "min" else -1

@@ -1,5 +1,6 @@
 """One MLflow run's life on the driver, written once: start it or reopen it, hold its lease, record
-what it is on its first start, and end it with the status that says what happened.
+what it is on its first start (params, config, and its inputs: ``log_job_inputs``), and end it
+with the status that says what happened.
 
 Every command that records a run goes through :func:`recorded_run`: a training run
 (``orchestrator.launch``), a sweep and each of its trials (``orchestrator.sweep``), a lifelong
@@ -18,10 +19,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from orchestrator import interrupts, tracking
 from orchestrator.lease import Lease
+
+if TYPE_CHECKING:
+    from orchestrator.job import Job
 
 
 @dataclass(frozen=True)
@@ -72,3 +76,24 @@ def recorded_run(tracking_uri: str, experiment_id: str, name: str, *, existing: 
     finally:
         if held is not None:
             held.release()
+
+
+def log_job_inputs(tracking_uri: str, run_id: str, job: Job, sources: dict[str, str]) -> None:
+    """The run's inputs in MLflow's Datasets panel: the shots and the reference set (the sha256 of
+    their published ``.npy``, i.e. of the decoded uint8 images, and their count) and the source
+    model (the digest of its files); ``sources`` says where each came from."""
+    import numpy as np
+
+    from orchestrator.artifacts import fetch, manifest_of
+
+    for name, ref, context in (("shots", job.data, "training"), ("reference", job.reference, "evaluation")):
+        if ref is None:
+            continue
+        path = fetch(ref)
+        count = int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0])
+        digest = manifest_of(path)["files"][path.name]
+        tracking.log_dataset(tracking_uri, run_id, name, digest, sources.get(name, ref.uri), count, context,
+                             resolution=job.resolution)
+    if job.source is not None:
+        tracking.log_dataset(tracking_uri, run_id, "source", job.source.digest, sources.get("source", job.source.uri),
+                             0, "source", artifact=job.source.short(), family=job.family)

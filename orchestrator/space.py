@@ -117,3 +117,38 @@ def to_tune(space: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = tune.choice(list(args))
     return out
+
+
+def optuna_distributions(space: dict[str, Any]) -> dict[str, Any]:
+    """The sweep space's sampled keys (``{uniform|loguniform|int|choice: ...}``, see
+    ``orchestrator.space``) as Optuna distributions; constants are left out."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        if not isinstance(spec, dict):
+            continue
+        kind, args = next(iter(spec.items()))
+        if kind == "uniform":
+            out[key] = FloatDistribution(float(args[0]), float(args[1]))
+        elif kind == "loguniform":
+            out[key] = FloatDistribution(float(args[0]), float(args[1]), log=True)
+        elif kind == "int":
+            out[key] = IntDistribution(int(args[0]), int(args[1]), step=int(args[2]) if len(args) == 3 else 1)
+        else:
+            out[key] = CategoricalDistribution(list(args))
+    return out
+
+
+def pareto_front(trials: list[dict[str, Any]], metrics: list[str], modes: list[str]) -> list[dict[str, Any]]:
+    """Non-dominated FINISHED trials: no other trial is at least as good on every objective and
+    strictly better on one."""
+    sign = [1 if m == "min" else -1 for m in modes]
+    pts = [t for t in trials if t["status"] == "FINISHED" and all(t.get(m) is not None for m in metrics)]
+
+    def dominates(a, b) -> bool:
+        va = [s * a[m] for s, m in zip(sign, metrics)]
+        vb = [s * b[m] for s, m in zip(sign, metrics)]
+        return all(x <= y for x, y in zip(va, vb)) and any(x < y for x, y in zip(va, vb))
+
+    return [p for p in pts if not any(dominates(q, p) for q in pts if q is not p)]

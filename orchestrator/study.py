@@ -118,7 +118,7 @@ def record_missing(url: str, name: str, trials: list[dict[str, Any]], space: dic
     import optuna
     from optuna.trial import TrialState
 
-    from orchestrator.report import optuna_distributions
+    from orchestrator.space import optuna_distributions
 
     dists = optuna_distributions(space)
     study = load(url, name)
@@ -152,7 +152,7 @@ def warm_start_points(old_top: list[dict[str, Any]], space: dict[str, Any],
     first) on this sweep's sampled keys. A key the old sweep did not sample takes this sweep's
     base value; a value outside this space's range is clipped to it (a choice it lacks is
     dropped for the base value). Returns (points, notes on what was changed)."""
-    from orchestrator.report import optuna_distributions
+    from orchestrator.space import optuna_distributions
 
     dists = optuna_distributions(space)
     points, notes = [], []

@@ -69,17 +69,14 @@ def project_root() -> Path:
     return root
 
 
-def check_command(command: list[str]) -> None:
-    """Parse ``command`` as the CLI would, here, before anything is uploaded: a typo fails now
+def check_command(command: list[str], commands) -> None:
+    """Parse ``command`` as the CLI would (``commands``: the CLI's click group, given by the CLI so
+    that this module does not import it), here, before anything is uploaded: a typo fails now
     instead of minutes later on the cluster."""
-    import typer
-
-    from orchestrator.cli import app
-
     if not command:
         raise SubmitError("orchestrate submit needs a command to run, e.g. "
                           "`orchestrate submit --address http://HEAD:8265 -- sweep ddpm_pa`")
-    group = typer.main.get_command(app)
+    group = commands
     names = sorted(group.list_commands(None))  # type: ignore[attr-defined]
     if command[0] == "submit":
         raise SubmitError("orchestrate submit -- submit ...: the command to run on the cluster cannot be submit")
@@ -172,13 +169,14 @@ def _auth_hint(exc: BaseException) -> str:
     return ""
 
 
-def submit(command: list[str], *, address: str | None = None, wait: bool = True, env: list[str] | None = None,
+def submit(command: list[str], *, commands, address: str | None = None, wait: bool = True, env: list[str] | None = None,
            stop_grace_s: int = STOP_GRACE_S, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Submit ``orchestrate COMMAND...`` as a Ray Job; follow its logs unless ``wait`` is False.
-    Returns the exit code for ``orchestrate submit``."""
+    ``commands``: the CLI's click group (see ``check_command``). Returns the exit code for
+    ``orchestrate submit``."""
     out = out or sys.stdout
     err = err or sys.stderr
-    check_command(command)
+    check_command(command, commands)
     root = project_root()
     command, warnings = cluster_paths(command, root)
     for w in warnings:

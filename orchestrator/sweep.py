@@ -35,10 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator import interrupts, tracking
 from orchestrator.config import ConfigError, ResolvedConfig, TaskConfig, apply_overrides
-from orchestrator.inputs import Inputs, data_sources, log_job_inputs, make_job, prepare
-from orchestrator.runrecord import recorded_run
+from orchestrator.inputs import Inputs, data_sources, make_job, prepare
+from orchestrator.job import checkpoint_schedule
+from orchestrator.runrecord import log_job_inputs, recorded_run
 from orchestrator.launch import torch_trainer
 from orchestrator.redact import has_redacted, redact
+from orchestrator.space import pareto_front
 from orchestrator.report import TRIALS_FILE, report_on_run
 from orchestrator.storage import run_dir, storage_uri
 
@@ -293,13 +295,10 @@ def _scheduler(settings: SweepSettings, progress: Progress):
                          max_t=total, grace_period=min(grace, total), reduction_factor=settings.reduction_factor)
 
 
-def checkpoint_steps(base: ResolvedConfig, settings: SweepSettings, progress: Progress) -> list[int] | None:
-    """Steps that checkpoint in a sweep trial: ``run.checkpoint_every`` when set, else the first
-    report at or after each ASHA rung (and the end, always)."""
-    if base.run.checkpoint_every is not None:
-        return None
-    every = base.run.report_every
-    return sorted({-(-r // every) * every for r in _rungs(settings, progress)})
+def checkpoint_steps(base: ResolvedConfig, settings: SweepSettings, progress: Progress) -> list[int]:
+    """Steps that checkpoint in a sweep trial (``orchestrator.job.checkpoint_schedule``): the first
+    report at or after each ASHA rung unless ``run.checkpoint_every`` says otherwise."""
+    return checkpoint_schedule(base.run, _rungs(settings, progress))
 
 
 def default_sweep_name(base: ResolvedConfig) -> str:
@@ -711,20 +710,6 @@ def _best(trials: list[dict[str, Any]], settings: SweepSettings) -> dict[str, An
         if best is None or _is_better(t[metric], best[metric], mode):
             best = t
     return best
-
-
-def pareto_front(trials: list[dict[str, Any]], metrics: list[str], modes: list[str]) -> list[dict[str, Any]]:
-    """Non-dominated FINISHED trials: no other trial is at least as good on every objective and
-    strictly better on one."""
-    sign = [1 if m == "min" else -1 for m in modes]
-    pts = [t for t in trials if t["status"] == "FINISHED" and all(t.get(m) is not None for m in metrics)]
-
-    def dominates(a, b) -> bool:
-        va = [s * a[m] for s, m in zip(sign, metrics)]
-        vb = [s * b[m] for s, m in zip(sign, metrics)]
-        return all(x <= y for x, y in zip(va, vb)) and any(x < y for x, y in zip(va, vb))
-
-    return [p for p in pts if not any(dominates(q, p) for q in pts if q is not p)]
 
 
 def _record_parent(uri: str, parent_id: str, trials, best, pareto, settings: SweepSettings) -> None:

@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from orchestrator.report import MIN_TRIALS, importances, optuna_distributions, study_of, write_report
+from orchestrator.report import MIN_TRIALS, importances, study_of, write_report
+from orchestrator.space import optuna_distributions
 
 SPACE = {"lr": {"loguniform": [1e-5, 1e-2]}, "weight": {"uniform": [0.0, 8.0]}, "t_max": {"int": [200, 1000, 100]},
          "kl": {"choice": ["forward", "reverse"]}, "steps": 300}

@@ -213,6 +213,34 @@ def test_frozen_time_units_stay_zero_and_the_condition_learns(encoder_file, shot
     assert not torch.allclose(a, b)
 
 
+def _condition_gap(mult: float, encoder_file, shots, steps: int = 20) -> float:
+    """|eps_c - eps_null| / |eps_null| on fixed inputs after ``steps`` steps at ``cond_lr_mult``."""
+    m = SelfGuided(SelfGuidedConfig(k_target=2, lr=2e-4, ema_decay=0, p=0.1, batch_size=4, cond_lr_mult=mult),
+                   tiny_source(), "cpu", seed=0)
+    m.prepare(shots, PrepareContext(domain_encoder=encoder_file))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        m.train_step(*_batch(shots, gen, size=4))
+    net = m.unet.eval()
+    x, t = torch.randn(4, 3, RES, RES, generator=torch.Generator().manual_seed(5)), torch.full((4,), 400)
+    with torch.no_grad():
+        eps_c = net(x, t, net.condition(torch.tensor([0, 1, 0, 1]))).sample
+        eps_u = net(x, t, net.condition(torch.tensor([-1, -1, -1, -1]))).sample
+    return float((eps_c - eps_u).norm() / eps_u.norm())
+
+
+def test_the_condition_lr_multiplier_makes_the_condition_act_sooner(encoder_file, shots):
+    """From an unconditional source the condition starts at zero (guidance changes nothing); its
+    own learning rate decides how soon eps_c and eps_null part."""
+    base, fast = _condition_gap(1.0, encoder_file, shots), _condition_gap(10.0, encoder_file, shots)
+    assert base > 0 and fast > 3 * base, (base, fast)
+    m = SelfGuided(SelfGuidedConfig(k_target=2, lr=1e-4, cond_lr_mult=10.0), tiny_source(), "cpu")
+    lrs = sorted(g["lr"] for g in m.optimizer.param_groups)
+    assert lrs == pytest.approx([1e-4, 1e-3])
+    mlp = {id(p) for p in m.unet.cond_mlp.parameters()}
+    assert {id(p) for p in m.optimizer.param_groups[1]["params"]} == mlp
+
+
 def test_loss_falls_on_a_tiny_model(encoder_file, shots):
     m = SelfGuided(SelfGuidedConfig(lr=2e-3, batch_size=8, ema_decay=0, k_target=2), tiny_source(), "cpu")
     images = shots[:2]

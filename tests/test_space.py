@@ -5,7 +5,8 @@ import yaml
 
 from orchestrator.config import ConfigError, resolve
 from orchestrator.space import build_space, to_tune
-from orchestrator.sweep import SweepSettings, pareto_front
+from orchestrator.space import pareto_front
+from orchestrator.sweep import SweepSettings
 
 
 @pytest.fixture

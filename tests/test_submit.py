@@ -20,9 +20,11 @@ import sys
 import time
 
 import pytest
+import typer
 import yaml
 
 from orchestrator import tracking
+from orchestrator.cli import app
 from orchestrator.submit import EXCLUDES, STOP_GRACE_S, SubmitError, build_job, check_command, cluster_paths
 from tests.deploy import REPO, one
 from tests.harness import BIN, can_isolate
@@ -59,7 +61,7 @@ def test_the_rayjob_manifest_gives_a_stopped_driver_the_same_grace():
 ])
 def test_a_bad_command_is_refused_before_anything_is_uploaded(command, needle):
     with pytest.raises(SubmitError, match=re.escape(needle)):
-        check_command(command)
+        check_command(command, typer.main.get_command(app))
 
 
 def test_local_paths_become_paths_in_the_uploaded_checkout(tmp_path):

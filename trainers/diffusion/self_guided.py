@@ -90,7 +90,7 @@ as the release draws conditions from training images; seeded); before ``prepare`
 uniformly over every label of the embedding. Sampling uses the EMA weights when ``ema_decay`` >
 0 (the release samples its FID images with the raw weights — a quirk).
 
-Search space: lr, p, w, k_target and k. ``k`` (the number of source clusters) only matters for
+Search space: lr, cond_lr_mult, p, w, k_target and k. ``k`` (the number of source clusters) only matters for
 ``self_guided_pretrain``; a fine-tuned model takes its source clusters from the source.
 
 ``self_guided_pretrain``: a conditional UNet of a preset shape trained from scratch on the source
@@ -148,11 +148,15 @@ class SelfGuidedConfig(DDPMFinetuneConfig):
     kmeans_iters: int = Field(30, ge=0)
     cluster_seed: int = Field(0, description="seed of k-means (not the run seed: labels are a property of the data)")
     warmup_steps: int = Field(0, ge=0, description="linear lr warm-up from 1e-6 lr (release: 500)")
+    cond_lr_mult: float = Field(1.0, gt=0, description="learning rate of the condition MLP, as a multiple of lr "
+                                "(the release: 1, one lr for all; from an unconditional source the MLP "
+                                "starts at zero and guidance acts only once it has grown)")
 
     @classmethod
     def search_space(cls) -> dict[str, Any]:
         return {
             "lr": {"loguniform": [2e-5, 1e-3]},
+            "cond_lr_mult": {"loguniform": [1.0, 30.0]},
             "p": {"uniform": [0.05, 0.3]},
             "w": {"uniform": [0.0, 4.0]},
             "k_target": {"choice": [1, 2, 5, 10]},
@@ -424,6 +428,16 @@ class SelfGuided(DDPMFinetune):
         self.num_source_classes = 0
         net = self._build_network(config, source, device, seed)
         super().__init__(config, DiffusionSource(net, source.scheduler, source.origin), device, seed, perf)
+        # Two parameter groups: the condition MLP learns at cond_lr_mult · lr (our knob; the release
+        # trains everything at one lr). Adam's step does not scale with the gradient, so a per-group
+        # learning rate, not a gradient scale, is what speeds up the condition path.
+        mlp = {id(p) for p in self.unet.cond_mlp.parameters()}
+        self.optimizer = self.perf.adamw(
+            [{"params": [p for p in self.unet.parameters() if id(p) not in mlp], "lr_mult": 1.0},
+             {"params": list(self.unet.cond_mlp.parameters()), "lr_mult": config.cond_lr_mult}],
+            lr=config.lr, weight_decay=config.weight_decay)
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.lr * group["lr_mult"]
         self.labels: torch.Tensor | None = None  # pseudo-labels of the prepared images, on the device
         self.annotator: Annotator | None = self.source_annotator if config.target_labels == "nearest_source" else None
 
@@ -555,7 +569,7 @@ class SelfGuided(DDPMFinetune):
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         factor = self._lr_factor()
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config.lr * factor
+            group["lr"] = self.config.lr * factor * group["lr_mult"]
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.unet)
