@@ -13,12 +13,15 @@ same batch size:
 * ``sample``: ``orchestrator.api.sample`` with W actors of C CPUs each (one model load per actor).
 
 Two rates per ``sample`` run: end to end (the actors' start, model loads, PNG encoding and
-writing included) and steady (from the first shards written to the last: the pool at work, what
-a long job converges to; shards handed over together with the first count as done at its time).
+writing included) and steady (from the first shards written to the last; shards handed over
+together with the first count as done at its time). Ray Data hands a finished shard over only
+with the next one, so "steady" overstates a pool's rate (the last two shards arrive together);
+``--marginal`` measures the pool free of that and of start-up.
 Ratios use the steady rate; the end-to-end one says what a short job pays. Goals: one worker
 >= 0.95x the plain loop with the same threads; two one-CPU workers >= 1.7x one one-CPU worker.
 
     python benchmarks/sampling.py [--n 256] [--batch-size 32] [--model DIR]
+    python benchmarks/sampling.py --marginal  # 1 and 2 workers at n/2 and 3n/2: rates free of start-up
     python benchmarks/sampling.py --report-only        # re-render the markdown from the JSON
 """
 
@@ -151,6 +154,50 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
+def marginal(args: argparse.Namespace) -> None:
+    """Images per second of the pool at work, free of its start-up and of when Ray Data hands shards
+    over (it may hold a finished shard back until the next one): each pool draws n/2 and then 3n/2
+    images, and the rate is the extra n images over the extra seconds. Written to
+    ``results/sampling_marginal.json`` and ``.md``."""
+    from orchestrator.raycluster import init_ray, shutdown
+    from trainers.builtin import builtin_source
+
+    model = args.model or str(builtin_source("ddpm", 32))
+    small, large = args.n // 2, 3 * args.n // 2
+    work = Path(tempfile.mkdtemp(prefix="sampling-marginal-"))
+    rows = []
+    load_before = os.getloadavg()[0]
+    started = init_ray(None)
+    try:
+        for workers in (1, 2):
+            t = {}
+            for n in (small, large):
+                res = sample_run(model, n, args.batch_size, args.steps, workers, 1, work / f"w{workers}-{n}", work)
+                t[n] = res["seconds"]
+            rate = (large - small) / (t[large] - t[small])
+            rows.append({"workers": workers, "seconds": t, "marginal_images_per_s": rate})
+            print(f"{workers} worker(s) × 1 CPU: {small} images in {t[small]:.1f} s, {large} in {t[large]:.1f} s: "
+                  f"{rate:.2f} images/s at the margin", flush=True)
+    finally:
+        shutdown(started)
+        shutil.rmtree(work, ignore_errors=True)
+    ratio = rows[1]["marginal_images_per_s"] / rows[0]["marginal_images_per_s"]
+    out = args.out.with_name("sampling_marginal.json")
+    out.write_text(json.dumps({"rows": rows, "n": [small, large], "batch_size": args.batch_size, "steps": args.steps,
+                               "ratio": ratio, "date": time.strftime("%Y-%m-%d"), "load_before": load_before,
+                               "load_after": os.getloadavg()[0]}, indent=1))
+    lines = [f"## Sampling at the margin (`sampling.py --marginal`, {cores()} CPU, {time.strftime('%Y-%m-%d')})", "",
+             f"Each pool draws {small} and then {large} images ({args.steps} DDIM steps, batch and shard "
+             f"{args.batch_size}); the rate is the extra {large - small} images over the extra seconds. Load "
+             f"average before {load_before:.2f}.", "",
+             "| workers × CPU | s for small | s for large | images/s at the margin |", "|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['workers']} × 1 | {r['seconds'][small]:.1f} | {r['seconds'][large]:.1f} | "
+                     f"{r['marginal_images_per_s']:.2f} |")
+    lines += ["", f"Two workers / one worker: **{ratio:.2f}** (goal ≥ 1.7).", ""]
+    write_markdown(out, "\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a diffusers DDPM folder (default: the shipped 32² source)")
@@ -159,7 +206,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--out", type=Path, default=RESULTS / "sampling.json")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--marginal", action="store_true",
+                    help="the pool's marginal rate only: 1 and 2 one-CPU workers, each at n/2 and 3n/2 images")
     args = ap.parse_args()
+    if args.marginal:
+        marginal(args)
+        return
     if args.report_only:
         write_markdown(args.out, render(read_result(args.out)))
         return
