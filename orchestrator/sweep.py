@@ -256,9 +256,8 @@ def _searcher(settings: SweepSettings, study: dict[str, Any] | None = None, roun
     """Optuna in Tune, writing to the sweep's kept study (orchestrator.study) when it has one.
     Round k of ``--more`` seeds its sampler with seed + k: the same seed would draw the same
     random start-up configs as round 0 again."""
-    from ray.tune.search.optuna import OptunaSearch
-
     from orchestrator.samplers import sweep_sampler
+    from orchestrator.searcher import KeptStudySearch
     from orchestrator.study import open_storage
 
     kwargs: dict[str, Any] = {"sampler": sweep_sampler(settings.multi_objective, settings.seed + round_no)}
@@ -267,8 +266,8 @@ def _searcher(settings: SweepSettings, study: dict[str, Any] | None = None, roun
     if points:
         kwargs["points_to_evaluate"] = points  # enqueued: the study's first trials (--warm-start)
     if settings.multi_objective:
-        return OptunaSearch(metric=settings.metrics, mode=settings.modes, **kwargs)
-    return OptunaSearch(metric=settings.metrics[0], mode=settings.modes[0], **kwargs)
+        return KeptStudySearch(metric=settings.metrics, mode=settings.modes, **kwargs)
+    return KeptStudySearch(metric=settings.metrics[0], mode=settings.modes[0], **kwargs)
 
 
 def _rungs(settings: SweepSettings, progress: Progress) -> list[int]:

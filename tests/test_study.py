@@ -85,3 +85,32 @@ def test_a_finished_trial_whose_optuna_record_was_closed_is_added_complete_once(
     assert record_missing(url, "s", trials, space, ["loss"]) == 0
     done = {t.params["lr"]: t.value for t in load(url, "s").trials if t.state == TrialState.COMPLETE}
     assert done == {1e-4: 0.5, 2e-4: 0.25}
+
+
+def test_a_resumed_trial_whose_optuna_record_is_closed_reports_without_failing_the_sweep(tmp_path):
+    """The killed driver told Optuna a trial finished after Tune's last saved state: the restored
+    Tune run resumes that trial, and Ray's plain ``OptunaSearch`` raised on its next result (the
+    failure that stopped ``--resume``); the sweep's searcher skips the refused report."""
+    import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.searcher import KeptStudySearch
+
+    space = {"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    for cls, name in ((OptunaSearch, "plain"), (KeptStudySearch, "kept")):
+        search = cls(space=space, metric="loss", mode="min", storage=open_storage(url), study_name=name)
+        assert "lr" in search.suggest("t1")
+        closed = load(url, name)
+        closed.tell(closed.trials[0].number, 0.5)  # what the killed driver wrote
+        result = {"loss": 0.4, "training_iteration": 2}
+        if cls is OptunaSearch:
+            with pytest.raises(UpdateFinishedTrialError):
+                search.on_trial_result("t1", result)
+            continue
+        search.on_trial_result("t1", result)
+        search.on_trial_result("t1", result)  # said once, skipped after
+        assert search.closed_in_study == {"t1"}
+        search.on_trial_complete("t1", {"loss": 0.3, "training_iteration": 3})
+        assert [t.value for t in load(url, name).trials] == [0.5]  # the record stands as written
