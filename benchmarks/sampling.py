@@ -21,7 +21,7 @@ Ratios use the steady rate; the end-to-end one says what a short job pays. Goals
 >= 0.95x the plain loop with the same threads; two one-CPU workers >= 1.7x one one-CPU worker.
 
     python benchmarks/sampling.py [--n 256] [--batch-size 32] [--model DIR]
-    python benchmarks/sampling.py --marginal  # 1 and 2 workers at n/2 and 3n/2: rates free of start-up
+    python benchmarks/sampling.py --marginal [--rounds 2]  # every variant at n/2 and 3n/2: rates free of start-up
     python benchmarks/sampling.py --report-only        # re-render the markdown from the JSON
 """
 
@@ -154,48 +154,89 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
+MARGINAL_VARIANTS = (("p1", "plain diffusers loop, 1 thread"), ("s1x1", "`orchestrate sample`, 1 worker × 1 CPU"),
+                     ("s2x1", "`orchestrate sample`, 2 workers × 1 CPU"), ("p2", "plain diffusers loop, 2 threads"),
+                     ("s1x2", "`orchestrate sample`, 1 worker × 2 CPU"))
+
+
 def marginal(args: argparse.Namespace) -> None:
-    """Images per second of the pool at work, free of its start-up and of when Ray Data hands shards
-    over (it may hold a finished shard back until the next one): each pool draws n/2 and then 3n/2
-    images, and the rate is the extra n images over the extra seconds. Written to
+    """Images per second at the margin, free of start-up and of when Ray Data hands shards over
+    (it may hold a finished shard back until the next one): each variant draws n/2 and then 3n/2
+    images, and its rate is the extra n images over the extra seconds. The plain loop is measured
+    the same way, in the same invocation, and every variant ``--rounds`` times in alternating
+    order (this machine's rate drifts by several percent between minutes), so each ratio is a
+    median over rounds of variants measured minutes apart. Written to
     ``results/sampling_marginal.json`` and ``.md``."""
+    import statistics
+
     from orchestrator.raycluster import init_ray, shutdown
     from trainers.builtin import builtin_source
 
     model = args.model or str(builtin_source("ddpm", 32))
     small, large = args.n // 2, 3 * args.n // 2
     work = Path(tempfile.mkdtemp(prefix="sampling-marginal-"))
-    rows = []
+
+    def seconds(key: str, n: int, tag: str) -> float:
+        if key.startswith("p"):
+            return plain_loop(model, n, args.batch_size, args.steps, int(key[1]))["seconds"]
+        workers, cpus = int(key[1]), int(key[3])
+        return sample_run(model, n, args.batch_size, args.steps, workers, cpus, work / f"{key}-{n}-{tag}",
+                          work)["seconds"]
+
+    variants = [(k, label) for k, label in MARGINAL_VARIANTS if not args.variants or k in args.variants.split(",")]
+    rows: dict[str, list[float]] = {k: [] for k, _ in variants}
+    large_s: dict[str, list[float]] = {k: [] for k, _ in variants}  # wall seconds of the 3n/2 draw
     load_before = os.getloadavg()[0]
     started = init_ray(None)
     try:
-        for workers in (1, 2):
-            t = {}
-            for n in (small, large):
-                res = sample_run(model, n, args.batch_size, args.steps, workers, 1, work / f"w{workers}-{n}", work)
-                t[n] = res["seconds"]
-            rate = (large - small) / (t[large] - t[small])
-            rows.append({"workers": workers, "seconds": t, "marginal_images_per_s": rate})
-            print(f"{workers} worker(s) × 1 CPU: {small} images in {t[small]:.1f} s, {large} in {t[large]:.1f} s: "
-                  f"{rate:.2f} images/s at the margin", flush=True)
+        for r in range(args.rounds):
+            order = variants if r % 2 == 0 else variants[::-1]
+            for key, label in order:
+                t_small, t_large = seconds(key, small, f"r{r}"), seconds(key, large, f"r{r}")
+                rate = (large - small) / (t_large - t_small)
+                rows[key].append(rate)
+                large_s[key].append(t_large)
+                print(f"round {r + 1}, {label}: {small} images in {t_small:.1f} s, {large} in {t_large:.1f} s: "
+                      f"{rate:.2f} images/s at the margin", flush=True)
     finally:
         shutdown(started)
         shutil.rmtree(work, ignore_errors=True)
-    ratio = rows[1]["marginal_images_per_s"] / rows[0]["marginal_images_per_s"]
+    ratios = {name: [rows[a][i] / rows[b][i] for i in range(args.rounds)]
+              for name, a, b in (("one worker / plain loop, 1 thread", "s1x1", "p1"),
+                                 ("two 1-CPU workers / one 1-CPU worker", "s2x1", "s1x1"),
+                                 ("one 2-CPU worker / plain loop, 2 threads", "s1x2", "p2")) if rows.get(a) and rows.get(b)}
+    # the pool's whole wall time for 3n/2 images (Ray Data's and the actors' start, model loads and
+    # writes included) against the plain loop's sampling time alone (its load and warm-up excluded)
+    end_to_end = {name: [large_s[b][i] / large_s[a][i] for i in range(args.rounds)]
+                  for name, a, b in (("one worker / plain loop, 1 thread", "s1x1", "p1"),
+                                     ("one 2-CPU worker / plain loop, 2 threads", "s1x2", "p2"))
+                  if large_s.get(a) and large_s.get(b)}
     out = args.out.with_name("sampling_marginal.json")
-    out.write_text(json.dumps({"rows": rows, "n": [small, large], "batch_size": args.batch_size, "steps": args.steps,
-                               "ratio": ratio, "date": time.strftime("%Y-%m-%d"), "load_before": load_before,
-                               "load_after": os.getloadavg()[0]}, indent=1))
+    out.write_text(json.dumps({"rates": rows, "ratios": ratios, "large_seconds": large_s, "end_to_end": end_to_end, "n": [small, large], "batch_size": args.batch_size,
+                               "steps": args.steps, "rounds": args.rounds, "date": time.strftime("%Y-%m-%d"),
+                               "load_before": load_before, "load_after": os.getloadavg()[0]}, indent=1))
     lines = [f"## Sampling at the margin (`sampling.py --marginal`, {cores()} CPU, {time.strftime('%Y-%m-%d')})", "",
-             f"Each pool draws {small} and then {large} images ({args.steps} DDIM steps, batch and shard "
-             f"{args.batch_size}); the rate is the extra {large - small} images over the extra seconds. Load "
-             f"average before {load_before:.2f}.", "",
-             "| workers × CPU | s for small | s for large | images/s at the margin |", "|---|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['workers']} × 1 | {r['seconds'][small]:.1f} | {r['seconds'][large]:.1f} | "
-                     f"{r['marginal_images_per_s']:.2f} |")
-    lines += ["", f"Two workers / one worker: **{ratio:.2f}** (goal ≥ 1.7).", ""]
-    write_markdown(out, "\n".join(lines))
+             f"Each variant draws {small} and then {large} images ({args.steps} DDIM steps, batch and shard "
+             f"{args.batch_size}); its rate is the extra {large - small} images over the extra seconds. "
+             f"{args.rounds} rounds, in alternating order; load average before {load_before:.2f}.", "",
+             "| variant | images/s at the margin, per round | median |", "|---|---|---:|"]
+    for key, label in variants:
+        lines.append(f"| {label} | {', '.join(f'{v:.2f}' for v in rows[key])} | "
+                     f"{statistics.median(rows[key]):.2f} |")
+    lines += ["", "| ratio (same round) | per round | median | goal |", "|---|---|---:|---:|"]
+    goals = {"one worker / plain loop, 1 thread": "≥ 0.95", "two 1-CPU workers / one 1-CPU worker": "≥ 1.7",
+             "one 2-CPU worker / plain loop, 2 threads": ""}
+    for name, vals in ratios.items():
+        lines.append(f"| {name} | {', '.join(f'{v:.3f}' for v in vals)} | **{statistics.median(vals):.3f}** | "
+                     f"{goals[name]} |")
+    if end_to_end:
+        lines += ["", f"End to end at {large} images: the plain loop's sampling seconds over the pool's whole wall "
+                  "time (start-up, model loads and writes included):", "",
+                  "| ratio (same round) | per round | median | goal |", "|---|---|---:|---:|"]
+        for name, vals in end_to_end.items():
+            lines.append(f"| {name} | {', '.join(f'{v:.3f}' for v in vals)} | **{statistics.median(vals):.3f}** | "
+                         f"{goals[name]} |")
+    write_markdown(out, "\n".join(lines + [""]))
 
 
 def main() -> None:
@@ -207,7 +248,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "sampling.json")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--marginal", action="store_true",
-                    help="the pool's marginal rate only: 1 and 2 one-CPU workers, each at n/2 and 3n/2 images")
+                    help="rates at the margin (each variant at n/2 and 3n/2 images): plain loops and pools")
+    ap.add_argument("--rounds", type=int, default=2, help="--marginal: rounds of every variant")
+    ap.add_argument("--variants", default="", help="--marginal: a comma-separated subset of "
+                    f"{','.join(k for k, _ in MARGINAL_VARIANTS)}")
     args = ap.parse_args()
     if args.marginal:
         marginal(args)

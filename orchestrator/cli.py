@@ -83,7 +83,7 @@ def _print_result(res, what: str) -> None:
     table.add_row("checkpoints", res.run_dir)
     if res.export is not None:
         table.add_row("exported model", f"{res.export.uri} ({res.export.short()})")
-    for k in ("loss", "fid_domain", "intra_dist_domain", "target_rate_domain"):
+    for k in ("loss", "fid_domain", "intra_dist_domain", "target_rate_domain", "target_rate"):
         if res.metrics and k in res.metrics:
             table.add_row(k, f"{res.metrics[k]:.4g}")
     if res.metrics and "step" in res.metrics:

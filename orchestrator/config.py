@@ -141,6 +141,9 @@ class RunSettings(_Strict):
                                            "evaluation only (default: eval_samples; then the final number is "
                                            "not comparable with the periodic ones)")
     final_eval_sample_steps: int | None = Field(None, ge=1, description="default: eval_sample_steps")
+    truth_check: bool = Field(True, description="train the task's truth classifier (target vs the source's "
+                              "samples vs neither) once per task and source, and record target_rate at every "
+                              "evaluation (orchestrator.truth)")
 
     @field_validator("metrics")
     @classmethod

@@ -35,6 +35,7 @@ class Inputs:
     reference_stats: ArtifactRef | None = None
     domain_classifier: ArtifactRef | None = None
     target_domain: str | None = None
+    truth_classifier: ArtifactRef | None = None
 
 
 def synthetic_domain(uri: str) -> str | None:
@@ -141,10 +142,15 @@ def prepare(cfg: ResolvedConfig, *, storage: str, tracking_uri: str | None = Non
     if source is None:
         source = resolve_source(task, tracking_uri=tracking_uri, storage=storage, lease=lease)
         check_source(cfg, source.local, source.hub_id)
+    from orchestrator.truth import truth_classifier
+
     classifier, domain = classifier_for(task, storage)
-    inputs = Inputs(source=source, data=publish_array(shots, storage),
-                    reference=publish_array(reference, storage) if reference is not None else None,
-                    domain_encoder=encoder, domain_classifier=classifier, target_domain=domain)
+    data = publish_array(shots, storage)
+    ref = publish_array(reference, storage) if reference is not None else None
+    inputs = Inputs(source=source, data=data, reference=ref, domain_encoder=encoder, domain_classifier=classifier,
+                    target_domain=domain,
+                    truth_classifier=truth_classifier(cfg, data=data, reference=ref, source=source.ref,
+                                                      storage=storage))
     if stats:
         inputs.reference_stats = reference_stats(cfg, inputs, storage)
     return inputs
@@ -179,6 +185,7 @@ def make_job(cfg: ResolvedConfig, inputs: Inputs, *, name: str, storage: str,
                data=inputs.data, reference=inputs.reference, source=inputs.source.ref,
                source_hub_id=inputs.source.hub_id, domain_encoder=inputs.domain_encoder,
                domain_classifier=inputs.domain_classifier, target_domain=inputs.target_domain,
+               truth_classifier=inputs.truth_classifier,
                reference_stats=inputs.reference_stats, previous=previous,
                lifelong_eval=lifelong_eval or [], checkpoint_at=checkpoint_at)
 

@@ -59,6 +59,8 @@ class Job(BaseModel):
     domain_encoder: ArtifactRef | None = None
     domain_classifier: ArtifactRef | None = Field(None, description="the built-in synthetic domains' classifier")
     target_domain: str | None = Field(None, description="the task's built-in synthetic target domain, if any")
+    truth_classifier: ArtifactRef | None = Field(None, description="the task's truth classifier "
+                                                 "(orchestrator.truth): target vs source samples vs neither")
     reference_stats: ArtifactRef | None = Field(None, description="precomputed features and statistics of "
                                                 "the reference set and the shots (orchestrator.refstats)")
     previous: ArtifactRef | None = Field(None, description="lifelong: the export of the previous task")

@@ -139,7 +139,7 @@ def metric_extractors(metrics: tuple[str, ...], encoder: str | None, device: str
     return available_extractors(list(metrics), encoder, device)
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=4)  # the built-in domains' and the task's truth classifier
 def load_domain_classifier(path: str, device: str):
     """The domain classifier saved at ``path`` on ``device``, loaded once per process and arguments."""
     from trainers.metrics.domain_classifier import DomainClassifier
@@ -168,6 +168,9 @@ class Evaluator:
         self.classifier = None
         if job.domain_classifier is not None and job.target_domain is not None:
             self.classifier = load_domain_classifier(str(fetch(job.domain_classifier)), str(device))
+        self.truth = None
+        if job.truth_classifier is not None:
+            self.truth = load_domain_classifier(str(fetch(job.truth_classifier)), str(device))
         if job.reference_stats is not None:
             from orchestrator.refstats import preload
 
@@ -197,18 +200,28 @@ class Evaluator:
                            kid_subset_size=min(1000, n, len(self.reference)), cache=self.cache)
         if self.classifier is not None:
             metrics["target_rate_domain"] = self.classifier.rate(samples, self.job.target_domain)
+        if self.truth is not None:
+            metrics["target_rate"] = self.truth.rate(samples, "target")
         metrics["eval_seconds"] = time.perf_counter() - t0
         return metrics
 
     def baselines(self, method) -> dict[str, float]:
         """Before the first step: the domain classifier's target rate of the real target images
-        (its ceiling) and of the untrained model's samples, i.e. the source (its floor)."""
-        if self.classifier is None:
+        (its ceiling) and of the untrained model's samples, i.e. the source (its floor); the truth
+        classifier's floor on the same samples and its held-out accuracies (orchestrator.truth)."""
+        if self.classifier is None and self.truth is None:
             return {}
         n, steps = self.protocol(False)
         samples = method.sample(n, steps=steps, seed=self.run.seed + 12345)
-        return {"target_rate_domain_reference": self.classifier.rate(self.reference, self.job.target_domain),
-                "target_rate_domain_source": self.classifier.rate(samples, self.job.target_domain)}
+        out: dict[str, float] = {}
+        if self.classifier is not None:
+            out.update(target_rate_domain_reference=self.classifier.rate(self.reference, self.job.target_domain),
+                       target_rate_domain_source=self.classifier.rate(samples, self.job.target_domain))
+        if self.truth is not None:
+            from orchestrator.truth import truth_metrics
+
+            out.update(target_rate_source=self.truth.rate(samples, "target"), **truth_metrics(self.truth.train_info))
+        return out
 
     def earlier_tasks(self, method) -> dict[str, float]:
         """Row k of the lifelong matrices: the model after task k on every task j <= k, sampled

@@ -14,7 +14,7 @@ import threading
 
 from orchestrator import tracking
 
-SHOWN = ("loss", "fid_domain", "intra_dist_domain", "target_rate_domain")
+SHOWN = ("loss", "fid_domain", "intra_dist_domain", "target_rate_domain", "target_rate")
 EVALUATED = SHOWN[1:]
 
 

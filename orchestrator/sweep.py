@@ -166,7 +166,8 @@ def inputs_from(static: dict[str, Any]) -> Inputs:
     return Inputs(source=ResolvedSource(refs["source"], static["inputs"].get("hub_id"), None), data=refs["data"],
                   reference=refs["reference"], domain_encoder=refs["domain_encoder"],
                   reference_stats=refs["reference_stats"], domain_classifier=refs.get("domain_classifier"),
-                  target_domain=static["inputs"].get("target_domain"))
+                  target_domain=static["inputs"].get("target_domain"),
+                  truth_classifier=refs.get("truth_classifier"))
 
 
 def inputs_to(inputs: Inputs) -> dict[str, Any]:
@@ -176,7 +177,7 @@ def inputs_to(inputs: Inputs) -> dict[str, Any]:
     return {"source": dump(inputs.source.ref), "hub_id": inputs.source.hub_id, "data": dump(inputs.data),
             "reference": dump(inputs.reference), "domain_encoder": dump(inputs.domain_encoder),
             "reference_stats": dump(inputs.reference_stats), "domain_classifier": dump(inputs.domain_classifier),
-            "target_domain": inputs.target_domain}
+            "target_domain": inputs.target_domain, "truth_classifier": dump(inputs.truth_classifier)}
 
 
 def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:

@@ -241,7 +241,7 @@ def test_odd_batch_and_bf16_steps_are_finite(precision, dual_source):
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
         out = m.train_step(random_batch(shots(), 5, gen))
-    assert set(out) == {"loss", "loss_x0", "loss_eps", "loss_mu", "mix_mean", "grad_norm"}
+    assert set(out) == {"loss", "loss_x0", "loss_eps", "loss_mu", "mix_mean", "grad_norm", "grad_r"}
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in out.values())
     assert all(math.isfinite(float(v)) for v in out.values())
     assert math.isclose(float(out["loss"]), float(out["loss_x0"] + out["loss_eps"] + out["loss_mu"]) / 3,
@@ -285,12 +285,33 @@ def test_an_exact_widening_freezes_r_and_a_live_bias_trains_it():
     x = random_batch(shots(), 5, torch.Generator().manual_seed(0))
     moved = {}
     for bias in (-30.0, -4.0):
-        m = method(widen_r_bias=bias, lr=1e-3)
+        m = method(widen_r_bias=bias, lr=1e-3, mix_open_steps=0)
         start = m.unet.conv_out.bias[6].item()
         for _ in range(3):
             m.train_step(x)
         moved[bias] = abs(m.unet.conv_out.bias[6].item() - start)
     assert moved[-30.0] < 1e-6 and moved[-4.0] > 1e-4  # r's gradient at −30 sits below Adam's ε
+
+
+def test_the_opening_schedule_starts_at_the_source_and_then_the_mix_learns():
+    """The default for an ε source: the first step runs exactly at the source (s ≈ 1e-13, r's
+    gradient below Adam's ε); the r bias is then moved to 0 over ``mix_open_steps`` and from there
+    the mixing map trains (its gradient is orders of magnitude larger and its weights move)."""
+    x = random_batch(shots(), 5, torch.Generator().manual_seed(0))
+    m = method(mix_open_steps=4, mix_open_bias=0.0, lr=1e-3)
+    assert m.unet.conv_out.bias[6].item() == -30.0
+    outs = [m.train_step(x) for _ in range(4)]
+    assert float(outs[0]["mix_mean"]) < 1e-12 and float(outs[0]["grad_r"]) < 1e-9
+    assert abs(m.unet.conv_out.bias[6].item()) < 4 * 1e-3 + 1e-6  # opened; Adam moved it <= lr per step
+    w_open = m.unet.conv_out.weight[6].clone()
+    later = [m.train_step(x) for _ in range(4)]
+    assert 0.2 < float(later[-1]["mix_mean"]) < 0.8
+    assert float(later[-1]["grad_r"]) > 1e4 * float(outs[0]["grad_r"])
+    assert (m.unet.conv_out.weight[6] - w_open).abs().max() > 1e-4  # the map itself learns
+    off = method(mix_open_steps=0, lr=1e-3)
+    for _ in range(4):
+        off.train_step(x)
+    assert off.unet.conv_out.bias[6].item() == -30.0  # off: r stays where the widening put it
 
 
 def test_state_dict_resumes_exactly():
@@ -351,7 +372,8 @@ def test_config_and_search_space():
     assert cfg.ddpm_variance == "fixedlarge" and cfg.widen_r_bias <= -17.4
     assert DualOutputPretrainConfig().lr == 2e-4
     space = DualOutputConfig.search_space()
-    assert {"lr", "run.eval_sample_steps", "sampler", "mix_loss", "loss_weight_mu", "widen_r_bias"} <= set(space)
+    assert {"lr", "run.eval_sample_steps", "sampler", "mix_loss", "loss_weight_mu", "widen_r_bias",
+            "mix_open_steps", "mix_open_bias"} <= set(space)
     assert space["run.eval_sample_steps"] == {"choice": [5, 10, 25, 50]}
     for key, spec in space.items():
         (kind, args), = spec.items()

@@ -18,7 +18,7 @@ def ref(name: str) -> ArtifactRef:
 def test_every_input_field_reaches_the_trials():
     full = Inputs(source=ResolvedSource(ref("source"), None, None), data=ref("data"), reference=ref("ref"),
                   domain_encoder=ref("encoder"), reference_stats=ref("stats"),
-                  domain_classifier=ref("classifier"), target_domain="sketch")
+                  domain_classifier=ref("classifier"), target_domain="sketch", truth_classifier=ref("truth"))
     assert all(getattr(full, f.name) is not None for f in dataclasses.fields(Inputs))  # the test covers all
     static = json.loads(json.dumps({"inputs": inputs_to(full)}))  # what Tune's static config carries
     back = inputs_from(static)
@@ -32,7 +32,8 @@ def test_a_sweep_saved_before_the_classifier_travelled_still_resumes():
     full = Inputs(source=ResolvedSource(ref("source"), None, None), data=ref("data"), reference=None,
                   domain_encoder=ref("encoder"))
     static = {"inputs": inputs_to(full)}
-    for key in ("domain_classifier", "target_domain"):
+    for key in ("domain_classifier", "target_domain", "truth_classifier"):
         static["inputs"].pop(key)
     back = inputs_from(static)
-    assert back.domain_classifier is None and back.target_domain is None and back.data == full.data
+    assert back.domain_classifier is None and back.target_domain is None and back.truth_classifier is None
+    assert back.data == full.data

@@ -36,6 +36,10 @@ def test_train_cli_records_run_and_second_invocation_is_a_no_op(ray_local, works
     m = run.data.metrics
     assert m["fid_domain"] >= 0 and m["kid_domain"] == m["kid_domain"] and 0 <= m["intra_dist_domain"] <= 2
     assert m["num_samples"] == 12 and m["num_reference"] == 32
+    # the task's truth check: at every evaluation, with its held-out accuracy and the source's floor
+    assert [s for s, _ in tracking.metric_history(uri, run.info.run_id, "target_rate")] == [10, 20]
+    assert m["truth_separation"] >= 0.8 and m["target_rate_source"] <= 0.2, m
+    assert {"truth_accuracy_target", "truth_accuracy_source", "truth_accuracy_neither"} <= set(m)
     arts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "samples", "model"} <= arts
     samples = {a.path for a in c.list_artifacts(run.info.run_id, "samples")}

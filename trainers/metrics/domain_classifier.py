@@ -115,31 +115,47 @@ class DomainClassifier(nn.Module):
 def train_domain_classifier(images: dict[str, ImageBatch], *, resolution: int = 32, steps: int = 600,
                             batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                             device: torch.device | str = "cpu",
-                            held_out: dict[str, ImageBatch] | None = None) -> DomainClassifier:
-    """Supervised training on ``{domain: uint8 images}`` (flips and small crops as augmentation);
-    with ``held_out`` images, their accuracy is stored in ``train_info``."""
+                            held_out: dict[str, ImageBatch] | None = None,
+                            balanced: bool = False, shift: int = 0) -> DomainClassifier:
+    """Supervised training on ``{domain: uint8 images}`` (horizontal flips as augmentation);
+    with ``held_out`` images, their accuracy is stored in ``train_info``. ``balanced``: every
+    batch draws each class equally often (a ten-image class beside a thousand-image one);
+    otherwise images are drawn uniformly, so classes weigh by their counts. ``shift``: each image
+    also moved by up to that many pixels in x and y (reflected at the border), which a class of a
+    few images needs to generalise."""
     torch.manual_seed(seed)
     classes = list(images)
     model = DomainClassifier(classes, resolution).to(device)
     data = [as_uint8_nchw(images[c]) for c in classes]
     x_all = torch.cat(data)
     y_all = torch.cat([torch.full((len(d),), i, dtype=torch.long) for i, d in enumerate(data)])
+    sizes = torch.tensor([len(d) for d in data])
+    if balanced and bool((sizes == 0).any()):
+        raise ValueError(f"balanced training needs images of every class, got {dict(zip(classes, sizes.tolist()))}")
+    offsets = torch.cumsum(sizes, 0) - sizes
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for _ in range(steps):
-        idx = torch.randint(0, len(x_all), (batch_size,), generator=gen)
+        if balanced:
+            cls = torch.randint(0, len(classes), (batch_size,), generator=gen)
+            idx = offsets[cls] + (torch.rand(batch_size, generator=gen) * sizes[cls]).long()
+        else:
+            idx = torch.randint(0, len(x_all), (batch_size,), generator=gen)
         x = to_unit(x_all[idx], device)
         flip = torch.rand(batch_size, generator=gen) < 0.5
         x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+        if shift:
+            x = _shifted(x, shift, gen)
         loss = F.cross_entropy(model.logits(x), y_all[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
     model.eval().requires_grad_(False)
-    info: dict[str, Any] = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+    info: dict[str, Any] = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "balanced": balanced,
+                            "shift": shift,
                             "train_images_per_class": {c: len(d) for c, d in zip(classes, data)},
                             "seconds": round(time.perf_counter() - t0, 1), "final_loss": float(loss.detach())}
     if held_out:
@@ -147,6 +163,14 @@ def train_domain_classifier(images: dict[str, ImageBatch], *, resolution: int = 
         info["held_out_accuracy_mean"] = sum(info["held_out_accuracy"].values()) / len(held_out)
     model.train_info = info
     return model
+
+
+def _shifted(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Every image moved by its own random (dx, dy) in [-shift, shift], reflected at the border."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (shift, shift, shift, shift), mode="reflect")
+    dx, dy = (torch.randint(0, 2 * shift + 1, (n,), generator=gen).tolist() for _ in range(2))
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
 def confusion(model: DomainClassifier, images: dict[str, ImageBatch]) -> dict[str, dict[str, float]]:
