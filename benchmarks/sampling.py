@@ -204,7 +204,8 @@ def marginal(args: argparse.Namespace) -> None:
     ratios = {name: [rows[a][i] / rows[b][i] for i in range(args.rounds)]
               for name, a, b in (("one worker / plain loop, 1 thread", "s1x1", "p1"),
                                  ("two 1-CPU workers / one 1-CPU worker", "s2x1", "s1x1"),
-                                 ("one 2-CPU worker / plain loop, 2 threads", "s1x2", "p2")) if rows.get(a) and rows.get(b)}
+                                 ("one 2-CPU worker / plain loop, 2 threads", "s1x2", "p2"))
+              if rows.get(a) and rows.get(b)}
     # the pool's whole wall time for 3n/2 images (Ray Data's and the actors' start, model loads and
     # writes included) against the plain loop's sampling time alone (its load and warm-up excluded)
     end_to_end = {name: [large_s[b][i] / large_s[a][i] for i in range(args.rounds)]
@@ -212,7 +213,8 @@ def marginal(args: argparse.Namespace) -> None:
                                      ("one 2-CPU worker / plain loop, 2 threads", "s1x2", "p2"))
                   if large_s.get(a) and large_s.get(b)}
     out = args.out.with_name("sampling_marginal.json")
-    out.write_text(json.dumps({"rates": rows, "ratios": ratios, "large_seconds": large_s, "end_to_end": end_to_end, "n": [small, large], "batch_size": args.batch_size,
+    out.write_text(json.dumps({"rates": rows, "ratios": ratios, "large_seconds": large_s, "end_to_end": end_to_end,
+                               "n": [small, large], "batch_size": args.batch_size,
                                "steps": args.steps, "rounds": args.rounds, "date": time.strftime("%Y-%m-%d"),
                                "load_before": load_before, "load_after": os.getloadavg()[0]}, indent=1))
     lines = [f"## Sampling at the margin (`sampling.py --marginal`, {cores()} CPU, {time.strftime('%Y-%m-%d')})", "",

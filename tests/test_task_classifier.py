@@ -65,7 +65,26 @@ def test_the_run_trains_it_once_per_task_and_source_and_finds_it_by_content(tmp_
     assert check(str(tmp_path / "b"), "sketch").digest == first.digest  # the node's copy
     assert len(trained) == 1
     other = publish_array(render("night", 10, 32, seed=1), str(tmp_path / "a"))
-    assert truth.truth_key(other, source, 32, None) != truth.truth_key(publish_array(
-        render("sketch", 10, 32, seed=1), str(tmp_path / "a")), source, 32, None)  # another target: trained anew
+    assert truth.truth_key(other, source, 32, 25) != truth.truth_key(publish_array(
+        render("sketch", 10, 32, seed=1), str(tmp_path / "a")), source, 32, 25)  # another target: trained anew
     cfg.run.truth_check = False
     assert check(str(tmp_path / "a"), "sketch") is None
+
+
+def test_a_check_that_cannot_be_trained_is_skipped_with_a_warning(tmp_path, monkeypatch, capsys):
+    """A one-shot task has no image to hold out: the run goes on without target_rate."""
+    from types import SimpleNamespace
+
+    from orchestrator import truth
+    from orchestrator.artifacts import publish, publish_array
+    from trainers.builtin import builtin_source
+
+    monkeypatch.setenv("ORCHESTRATE_CACHE", str(tmp_path / "cache"))
+    cfg = SimpleNamespace(run=SimpleNamespace(truth_check=True, eval_sample_steps=None),
+                          task=SimpleNamespace(resolution=32))
+    storage = str(tmp_path / "runs")
+    one = publish_array(render("sketch", 1, 32), storage)
+    source = publish(builtin_source("stylegan2", 32), storage)
+    got = truth.truth_classifier(cfg, data=one, reference=None, source=source, storage=storage)
+    assert got is None
+    assert "no truth check for this run" in capsys.readouterr().out

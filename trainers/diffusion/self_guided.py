@@ -110,8 +110,9 @@ it grows too slowly for a few-shot budget: on the shipped 32² source, after 300
 land in the requested pseudo-class rose from 0.20 (w = 0) to 0.475 (w = 2) at 10x, against 0.175
 → 0.30 at 1x. Hence the default 10x: the rest of the network keeps ``lr``, so the adapted model
 still starts exactly at the source. At 300 steps (w = 2, 256 samples) 10x cost no fidelity:
-fid_domain 0.231 vs 0.237 at 1x, the same intra-cluster diversity (0.111). Guidance needs thousands of steps either way; at the demo's
-300 it barely acts. ``cond_lr_mult: 1`` restores the release's single rate.
+fid_domain 0.231 vs 0.237 at 1x, the same intra-cluster diversity (0.111). Guidance needs
+thousands of steps either way; at the demo's 300 it barely acts. ``cond_lr_mult: 1`` restores
+the release's single rate.
 
 Search space: lr, cond_lr_mult, p, w, k_target and k. ``k`` (the number of source clusters) only matters for
 ``self_guided_pretrain``; a fine-tuned model takes its source clusters from the source.
