@@ -202,7 +202,8 @@ def adapt(method: str, folder: Path, source: ArtifactRef, encoder: ArtifactRef, 
     overrides: dict[str, Any] = {
         "task.source.model": str(folder), "task.target.seed": draw, "batch_size": args.batch_size,
         "run.steps": args.steps, "run.report_every": min(REPORT_EVERY, args.steps), "run.eval_every": 0,
-        "run.eval_samples": args.samples, "run.eval_sample_steps": args.sample_steps, "run.seed": seed,
+        "run.eval_samples": args.samples, "run.final_eval_samples": args.samples,
+        "run.eval_sample_steps": args.sample_steps, "run.seed": seed,
         "run.metrics": metrics, "run.cpus_per_worker": float(args.threads), "run.use_gpu": device.type == "cuda",
     }
     cfg = resolve(method, f"synthetic:{args.domain}", overrides=overrides)

@@ -207,7 +207,8 @@ def adapt(args: argparse.Namespace, variant: str, seed: int, src_folder: Path, s
         "task.resolution": args.resolution, "task.target.shots": args.shots, "task.source.model": str(src_folder),
         "batch_size": args.batch_size, "lr": args.lr,
         "run.steps": args.steps, "run.report_every": min(100, args.steps), "run.eval_every": 0,
-        "run.eval_samples": args.samples, "run.final_eval_sample_steps": eval_steps, "run.seed": seed,
+        "run.eval_samples": args.samples, "run.final_eval_samples": args.samples,
+        "run.final_eval_sample_steps": eval_steps, "run.seed": seed,
         "run.metrics": ["domain"], "run.cpus_per_worker": float(args.threads), "run.use_gpu": device.type == "cuda",
     }
     if method == "dual_output":

@@ -248,7 +248,8 @@ def adapt(method: str, folder: Path, source: ArtifactRef, encoder: ArtifactRef, 
     overrides: dict[str, Any] = {
         "task.source.model": str(folder), "task.target.seed": draw, "batch_size": args.batch_size,
         "run.steps": args.steps, "run.report_every": every, "run.eval_every": eval_every,
-        "run.eval_samples": args.samples, "run.seed": seed, "run.metrics": metrics,
+        "run.eval_samples": args.samples, "run.final_eval_samples": args.samples,
+        "run.seed": seed, "run.metrics": metrics,
         "run.cpus_per_worker": float(args.threads), "run.use_gpu": device.type == "cuda",
     }
     cfg = resolve(method, f"synthetic:{args.domain}", overrides=overrides)

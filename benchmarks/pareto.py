@@ -66,7 +66,8 @@ def run_pair(args) -> dict:
             # One report, evaluated, at the end: the fronts are read off the final evaluation (FIFO, no
             # early stopping), so periodic evaluations would only cost sampling time.
             overrides = {"run.steps": args.steps, "run.report_every": args.steps,
-                         "run.eval_samples": args.samples, "run.sample_every": args.steps}
+                         "run.eval_samples": args.samples, "run.final_eval_samples": args.samples,
+                         "run.sample_every": args.steps}
             if args.sample_steps:
                 overrides["run.eval_sample_steps"] = args.sample_steps
             cfg = resolve(method, task_file=args.task or f"synthetic:{args.domain}", overrides=overrides)
@@ -125,7 +126,7 @@ def anchors(args) -> dict:
 
     method = PAIRS[args.pair][0]
     cfg = resolve(method, task_file=args.task or f"synthetic:{args.domain}",
-                  overrides={"run.eval_samples": args.samples})
+                  overrides={"run.eval_samples": args.samples, "run.final_eval_samples": args.samples})
     task, run = cfg.task, cfg.run
     shots, reference = (torch.from_numpy(a).permute(0, 3, 1, 2).contiguous() if a is not None else None
                         for a in check_data(task))

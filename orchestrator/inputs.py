@@ -178,7 +178,8 @@ def reference_stats(cfg: ResolvedConfig, inputs: Inputs, storage: str) -> Artifa
 
 def make_job(cfg: ResolvedConfig, inputs: Inputs, *, name: str, storage: str,
              previous: ArtifactRef | None = None, lifelong_eval: list[EvalTask] | None = None,
-             checkpoint_at: list[int] | None = None, run_overrides: dict[str, Any] | None = None) -> Job:
+             checkpoint_at: list[int] | None = None, eval_at: list[int] | None = None,
+             run_overrides: dict[str, Any] | None = None) -> Job:
     run = cfg.run.model_copy(update=run_overrides or {})
     return Job(kind="adapt", name=name, method=cfg.method, family=cfg.task.source.family,
                resolution=cfg.task.resolution, method_config=cfg.method_config, run=run, storage=storage,
@@ -187,7 +188,7 @@ def make_job(cfg: ResolvedConfig, inputs: Inputs, *, name: str, storage: str,
                domain_classifier=inputs.domain_classifier, target_domain=inputs.target_domain,
                truth_classifier=inputs.truth_classifier,
                reference_stats=inputs.reference_stats, previous=previous,
-               lifelong_eval=lifelong_eval or [], checkpoint_at=checkpoint_at)
+               lifelong_eval=lifelong_eval or [], checkpoint_at=checkpoint_at, eval_at=eval_at)
 
 
 def data_sources(cfg: ResolvedConfig) -> dict[str, str]:

@@ -29,6 +29,25 @@ def checkpoint_schedule(run: RunSettings, rungs: Iterable[int] = ()) -> list[int
     return list(range(every, run.steps, every))
 
 
+def eval_schedule(run: RunSettings, rungs: Iterable[int] = ()) -> list[int]:
+    """The steps at which a run evaluates besides its last one (which always does, with the final
+    protocol); only a report step can evaluate. ``run.eval_every`` when set (0: none); else, for
+    a sweep trial under ASHA (``rungs``), the first report at or after each rung, so that what the
+    scheduler compares was measured at that step and never carried over from an earlier one; else
+    ``k = max(1, steps // 500)`` evenly spaced points (the middle of a run up to 999 steps, its
+    thirds up to 1,499, ...), each the first report at or after it. An evaluation costs the same
+    in a short and a long run, so its count grows with the budget, not its interval: on 2 CPU
+    cores a 300-step DDPM run spends under a quarter of its time in periodic evaluations (the
+    step-0 baseline and one midpoint; README "Every method's defaults"). The driver puts the list
+    in the job."""
+    every = run.report_every
+    if run.eval_every is not None:  # a multiple of report_every (RunSettings checks)
+        return list(range(run.eval_every, run.steps, run.eval_every)) if run.eval_every else []
+    k = max(1, run.steps // 500)
+    marks = list(rungs) or [run.steps * i // (k + 1) for i in range(1, k + 1)]
+    return sorted({s for s in (-(-max(m, 1) // every) * every for m in marks) if s < run.steps})
+
+
 class EvalTask(BaseModel):
     """An earlier task of a lifelong stream, evaluated after the current one (row k of R[k, j])."""
 
@@ -70,12 +89,18 @@ class Job(BaseModel):
     run_id: str | None = None
     checkpoint_at: list[int] | None = Field(None, description="steps that take a checkpoint besides the last "
                                             "(checkpoint_schedule); not given: the run's own schedule")
+    eval_at: list[int] | None = Field(None, description="steps that evaluate besides the last "
+                                      "(eval_schedule); not given: the run's own schedule")
 
     @model_validator(mode="after")
     def _schedule(self) -> "Job":
         if self.checkpoint_at is None:
             self.checkpoint_at = checkpoint_schedule(self.run)
         return self
+
+    def wants_evaluation(self, step: int) -> bool:
+        at = self.eval_at if self.eval_at is not None else eval_schedule(self.run)
+        return step == self.run.steps or step in at
 
     def wants_checkpoint(self, step: int) -> bool:
         return step == self.run.steps or (step % self.run.report_every == 0 and step in self.checkpoint_at)

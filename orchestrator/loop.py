@@ -152,6 +152,9 @@ def images_tensor(ref: ArtifactRef) -> torch.Tensor:
     return torch.from_numpy(np.array(load_array(ref))).permute(0, 3, 1, 2).contiguous()
 
 
+BASELINE_SAMPLES = 32  # samples of the source's floor at step 0 (Evaluator.baselines)
+
+
 class Evaluator:
     """Rank 0's periodic and final evaluation: samples from the method, metrics against the task's
     reference set (or the shots), each metric named by its feature network (trainers.metrics)."""
@@ -175,19 +178,17 @@ class Evaluator:
             from orchestrator.refstats import preload
 
             preload(self.cache, fetch(job.reference_stats), self.extractors, self.reference, self.shots)
-        run = self.run
-        self.every = run.eval_every if run.eval_every is not None else run.report_every
 
     def due(self, step: int, last: bool) -> bool:
-        return last or bool(self.every and step % self.every == 0)
+        return last or self.job.wants_evaluation(step)
 
     def protocol(self, last: bool) -> tuple[int, int | None]:
-        """(samples, sampling steps) of an evaluation: one protocol for periodic and final ones
-        unless the run asks for a different final one."""
+        """(samples, sampling steps) of an evaluation: a periodic one, or the final one of record
+        (more samples, the same sampler: ``RunSettings``; None steps = the method's own)."""
         run = self.run
-        n = (run.final_eval_samples or run.eval_samples) if last else run.eval_samples
-        steps = (run.final_eval_sample_steps or run.eval_sample_steps) if last else run.eval_sample_steps
-        return n, steps
+        if last:
+            return run.final_eval_samples or run.eval_samples, run.final_eval_sample_steps or run.eval_sample_steps
+        return run.eval_samples, run.eval_sample_steps
 
     def __call__(self, method, last: bool) -> dict[str, float]:
         from trainers.metrics import evaluate
@@ -195,24 +196,28 @@ class Evaluator:
         run = self.run
         n, steps = self.protocol(last)
         t0 = time.perf_counter()
-        samples = method.sample(n, steps=steps, seed=run.seed + 12345)
+        samples = method.sample(n, steps=steps, seed=run.seed + 12345)  # the seed: evaluation_extras's too
         metrics = evaluate(samples, self.reference, self.shots, self.extractors, seed=run.seed,
                            kid_subset_size=min(1000, n, len(self.reference)), cache=self.cache)
         if self.classifier is not None:
             metrics["target_rate_domain"] = self.classifier.rate(samples, self.job.target_domain)
         if self.truth is not None:
             metrics["target_rate"] = self.truth.rate(samples, "target")
+        metrics.update(method.evaluation_extras(samples, n, steps, run.seed + 12345, last))
         metrics["eval_seconds"] = time.perf_counter() - t0
         return metrics
 
     def baselines(self, method) -> dict[str, float]:
         """Before the first step: the domain classifier's target rate of the real target images
         (its ceiling) and of the untrained model's samples, i.e. the source (its floor); the truth
-        classifier's floor on the same samples and its held-out accuracies (orchestrator.truth)."""
+        classifier's floor on the same samples and its held-out accuracies (orchestrator.truth).
+        A floor is a rate near 0, so it is measured on at most ``BASELINE_SAMPLES`` samples: the
+        source's baseline then costs half a periodic evaluation (self_guided samples with
+        guidance, two network passes per step)."""
         if self.classifier is None and self.truth is None:
             return {}
         n, steps = self.protocol(False)
-        samples = method.sample(n, steps=steps, seed=self.run.seed + 12345)
+        samples = method.sample(min(n, BASELINE_SAMPLES), steps=steps, seed=self.run.seed + 12345)
         out: dict[str, float] = {}
         if self.classifier is not None:
             out.update(target_rate_domain_reference=self.classifier.rate(self.reference, self.job.target_domain),

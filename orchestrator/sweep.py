@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator import interrupts, tracking
 from orchestrator.config import ConfigError, ResolvedConfig, TaskConfig, apply_overrides
 from orchestrator.inputs import Inputs, data_sources, make_job, prepare
-from orchestrator.job import checkpoint_schedule
+from orchestrator.job import checkpoint_schedule, eval_schedule
 from orchestrator.runrecord import log_job_inputs, recorded_run
 from orchestrator.launch import torch_trainer
 from orchestrator.redact import has_redacted, redact
@@ -195,7 +195,8 @@ def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:
         tune.report({**existing.data.metrics, "step": cfg.run.steps})
         return
     job = make_job(cfg, inputs_from(static), name=trial_id, storage=static["trials_storage"],
-                   checkpoint_at=static["checkpoint_at"], run_overrides={"cpus_per_worker": static["cpus"]})
+                   checkpoint_at=static["checkpoint_at"], eval_at=static.get("eval_at"),
+                   run_overrides={"cpus_per_worker": static["cpus"]})
 
     def first_start(run_id: str) -> None:
         tracking.log_params(uri, run_id, cfg.flat_params())
@@ -553,7 +554,8 @@ def _fit(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettings, *
         progress = Progress("step", base.run.steps)
         static = {**common, "base": base.public_dump(), "inputs": inputs_to(inputs),
                   "source_name": inputs.source.describe(),
-                  "checkpoint_at": checkpoint_steps(base, settings, progress)}
+                  "checkpoint_at": checkpoint_steps(base, settings, progress),
+                  "eval_at": eval_schedule(base.run, _rungs(settings, progress))}
         driver, workers = trial_driver, base.run.num_workers
     if workers == 1:
         # the trial's own process trains: it holds the worker's resources

@@ -262,3 +262,27 @@ def test_registry_and_search_space():
             DDPMPAConfig(**{key: v})  # every edge of the space is a valid config
     assert DDPMPAConfig().lambda_img == 4.0 and DDPMPAConfig().lambda_hf == 4.0
     assert DDPMPAConfig().lambda_hfmse == 1.0 and DDPMPAConfig().pair_size == 3
+
+
+def test_each_pa_term_changes_the_gradient_at_the_default_weights():
+    """The paper's own knobs are live: at the default lambdas each extra term (L_img, L_hf,
+    L_hfmse) adds its own gradient to the UNet's, on top of L_simple's."""
+    m = method()
+    perturb(m.unet)  # the pairwise terms are 0 (with no gradient) while the UNet equals the source
+    x0 = batch(5)
+    state = m.generator.get_state()
+
+    def grad_of(key: str) -> torch.Tensor:
+        m.generator.set_state(state)  # the same timesteps, noise and pairs for every term
+        m.unet.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m.losses(x0)[key].backward()
+        return torch.cat([p.grad.flatten() for p in m.unet.parameters() if p.grad is not None])
+
+    simple = grad_of("loss_simple")
+    for key in ("loss_img", "loss_hf", "loss_hfmse"):
+        g = grad_of(key)
+        assert g.norm() > 1e-6 * simple.norm(), key
+        cos = F.cosine_similarity(g, simple, dim=0)
+        assert cos < 0.99, (key, cos)  # not L_simple's gradient rescaled

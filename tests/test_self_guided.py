@@ -428,3 +428,18 @@ def test_pretrainer_prepares_k_clusters_and_trains(sg_source, encoder_file):
         out = m.train_step(*_batch(imgs, gen, size=5))
         assert all(torch.isfinite(v) for v in out.values())
     assert SelfGuidedConfig.search_space().keys() >= {"k", "p", "w", "lr"}
+
+
+def test_requested_share_scores_where_samples_land_and_evaluations_record_it(encoder_file, shots):
+    m = SelfGuided(SelfGuidedConfig(k_target=3, sample_steps=2), tiny_source(), "cpu")
+    m.prepare(shots, PrepareContext(domain_encoder=encoder_file))
+    # the shots, asked for their own pseudo-classes, all land there; asked for another, none do
+    assert m.requested_share(shots, m.labels) == 1.0
+    assert m.requested_share(shots, (m.labels + 1) % 3) == 0.0
+    periodic = m.evaluation_extras(m.sample(6, seed=4), 6, None, 4, final=False)
+    assert set(periodic) == {"requested_share"} and 0.0 <= periodic["requested_share"] <= 1.0
+    # the evaluation's samples are those of the labels sample() drew: recomputed from (n, seed)
+    assert periodic["requested_share"] == m.requested_share(m.sample_labels(m.draw_labels(6, 4), seed=4),
+                                                            m.draw_labels(6, 4))
+    final = m.evaluation_extras(m.sample(6, seed=4), 6, None, 4, final=True)
+    assert set(final) == {"requested_share", "requested_share_w0"}  # eval_guidance's default, w = 0

@@ -237,16 +237,16 @@ def test_the_study_is_kept_continued_with_more_and_warm_starts_a_new_sweep(ray_l
     assert sorted(t.values[0] for t in study) == pytest.approx(sorted(t["loss"] for t in trials))
 
     # exactly N more, in the same study: the new round's sampler sees the first three
-    res = cli("sweep", "ddpm_finetune", "--resume", "kept", "--more", "2", *URI_ARGS)
+    res = cli("sweep", "ddpm_finetune", "--resume", "kept", "--more", "3", *URI_ARGS)
     assert res.exit_code == 0, res.output
     parent, trials = recorded(uri, "kept")
     assert parent.info.status == "FINISHED" and parent.data.tags["orchestrate.rounds"] == "1"
-    assert len(trials) == 5 and len({t["trial_id"] for t in trials}) == 5
-    assert len(children(uri, parent.info.run_id)) == 5
+    assert len(trials) == 6 and len({t["trial_id"] for t in trials}) == 6
+    assert len(children(uri, parent.info.run_id)) == 6
     study = study_trials(workspace, "kept")
-    assert [t.state for t in study] == [TrialState.COMPLETE] * 5
+    assert [t.state for t in study] == [TrialState.COMPLETE] * 6
     assert (workspace / "runs" / "kept" / "round1").is_dir()
-    assert len({round(t.params["lr"], 12) for t in study}) == 5  # round 1 did not redraw round 0's start-up
+    assert len({round(t.params["lr"], 12) for t in study}) == 6  # round 1 did not redraw round 0's start-up
     again = cli("sweep", "ddpm_finetune", "--resume", "kept", "--more", "0", *URI_ARGS)
     assert again.exit_code == 2 and "--more 0" in again.output
 

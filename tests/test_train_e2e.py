@@ -1,5 +1,7 @@
 """End to end: `orchestrate train` under a real local Ray, recorded in MLflow on SQLite."""
 
+import hashlib
+import io
 import os
 import signal
 import subprocess
@@ -13,11 +15,13 @@ from tests.tiny import GAN_SOURCE, cli, experiment_runs, tiny_args, write_tiny_t
 
 pytestmark = pytest.mark.slow
 
+TRUTH = ("--set", "run.truth_check=true")  # the tiny runs skip the truth check; this test checks it
+
 
 @pytest.mark.cold_cache
 def test_train_cli_records_run_and_second_invocation_is_a_no_op(ray_local, workspace):
     task = write_tiny_task(workspace)
-    res = cli("train", "ddpm_finetune", *tiny_args(task, "--name", "first"))
+    res = cli("train", "ddpm_finetune", *tiny_args(task, *TRUTH, "--name", "first"))
     assert res.exit_code == 0, res.output
     assert "done" in res.output and "mlflow ui" in res.output
 
@@ -51,7 +55,7 @@ def test_train_cli_records_run_and_second_invocation_is_a_no_op(ray_local, works
     _, pre = experiment_runs(uri, "pretrain-ddpm")
     assert len(pre) == 1 and pre[0].info.status == "FINISHED"
 
-    again = cli("train", "ddpm_finetune", *tiny_args(task, "--name", "first"))
+    again = cli("train", "ddpm_finetune", *tiny_args(task, *TRUTH, "--name", "first"))
     assert again.exit_code == 0 and "already FINISHED" in again.output
     assert len(experiment_runs(uri, "ddpm_finetune")[1]) == 1
     assert len(experiment_runs(uri, "pretrain-ddpm")[1]) == 1
@@ -83,12 +87,20 @@ def _check_mlflow_idioms(uri: str, c, run, task) -> None:
     assert json.loads(inputs["shots"].dataset.source)["uri"] == "synthetic:sketch"
     assert json.loads(inputs["reference"].dataset.profile)["num_images"] == 32
     assert all(len(d.dataset.digest) == 36 for d in inputs.values())
+    # the recorded digests are those of the data: the sha256 of the decoded images' .npy
+    from orchestrator.config import load_task
+    from orchestrator.inputs import check_data
+
+    for name, images in zip(("shots", "reference"), check_data(load_task(task))):
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(images), allow_pickle=False)
+        assert inputs[name].dataset.digest == hashlib.sha256(buf.getvalue()).hexdigest()[:36], name
     assert {t.value for t in inputs["shots"].tags} == {"training"}
     assert any(a.path.startswith("images") for a in c.list_artifacts(run.info.run_id))  # the Images panel
 
     # the export is an MLflow model; registering it makes a version that every door accepts
     assert "model/MLmodel" in {a.path for a in c.list_artifacts(run.info.run_id, "model")}
-    res = cli("train", "ddpm_finetune", *tiny_args(task, "--name", "first"),
+    res = cli("train", "ddpm_finetune", *tiny_args(task, *TRUTH, "--name", "first"),
               "--register", "sketchy")
     assert res.exit_code == 0 and "models:/sketchy/1" in res.output, res.output
     assert register("first", "sketchy", tracking_uri=uri) == "models:/sketchy/2"

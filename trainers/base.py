@@ -71,6 +71,9 @@ class AdaptationMethod(ABC):
     wants_index: ClassVar[bool] = False
     # True: prepare() needs PrepareContext.domain_encoder (e.g. for pseudo-labels)
     uses_domain_encoder: ClassVar[bool] = False
+    # run.steps when a run does not set it: the budget at which the method's defaults move the
+    # samples to a new target (the truth check's target_rate; README "Every method's defaults")
+    default_steps: ClassVar[int] = 300
 
     def __init__(self, config: MethodConfig, source: Any, device: torch.device, seed: int = 0,
                  perf: DevicePerf | None = None):
@@ -99,6 +102,12 @@ class AdaptationMethod(ABC):
     @abstractmethod
     def sample(self, n: int, steps: int | None = None, seed: int = 0) -> torch.Tensor:
         """``n`` images as uint8 [n,3,H,W] on the CPU; ``steps`` = sampling steps where relevant."""
+
+    def evaluation_extras(self, samples: torch.Tensor, n: int, steps: int | None, seed: int,
+                          final: bool) -> dict[str, float]:
+        """The method's own numbers of an evaluation whose ``samples`` came from
+        ``sample(n, steps, seed)`` (``final``: the run's last one); none by default."""
+        return {}
 
     def sample_task(self, task_id: int, n: int, steps: int | None = None, seed: int = 0) -> torch.Tensor:
         """``n`` images of a learned task of a lifelong stream. Methods with one set of weights

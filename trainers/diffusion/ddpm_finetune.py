@@ -44,6 +44,10 @@ class DDPMFinetune(AdaptationMethod):
     key = "ddpm_finetune"
     family = "diffusion"
     Config = DDPMFinetuneConfig
+    # From the shipped source to ten `sketch` shots at lr 1e-4: target_rate 0.13 after 300 steps
+    # (the target's strokes on the source's tinted backgrounds), 0.91, 0.875 and 0.94 after 1,000
+    # (three seeds; benchmarks/results/pa_vs_finetune_1000.md). The papers fine-tune for longer.
+    default_steps = 1000
 
     def __init__(self, config: DDPMFinetuneConfig, source: DiffusionSource, device: torch.device,
                  seed: int = 0, perf: DevicePerf | None = None):

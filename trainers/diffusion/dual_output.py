@@ -409,6 +409,9 @@ class DualOutput(DDPMFinetune):
     key = "dual_output"
     family = "diffusion"
     Config = DualOutputConfig
+    # its opened mix reaches the target in 300 steps (target_rate 1.00 on `sketch` and on a glyph
+    # folder task, README "Every method's defaults"); longer runs only lower its diversity further
+    default_steps = 300
 
     def __init__(self, config: DualOutputConfig, source: DiffusionSource, device: torch.device,
                  seed: int = 0, perf: DevicePerf | None = None):
