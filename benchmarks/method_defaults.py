@@ -41,8 +41,6 @@ def task_for(template: str, method: str) -> str:
 
 def run_method(method: str, task: str, work: Path, extra: list[str], seed: int) -> dict:
     """One ``orchestrate train`` in its own process; its row read back from MLflow."""
-    import mlflow
-
     uri = f"sqlite:///{work / 'mlflow.db'}"
     name = f"{method}-seed{seed}"
     cmd = [sys.executable, "-m", "orchestrator.cli", "train", method, "--task", task, "--name", name,
@@ -53,6 +51,15 @@ def run_method(method: str, task: str, work: Path, extra: list[str], seed: int) 
     if proc.returncode != 0:
         raise SystemExit(f"{method}: orchestrate train failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
                          f"\n{proc.stderr[-3000:]}")
+    return {**read_row(uri, work, method, seed, task), "command_s": wall}
+
+
+def read_row(uri: str, work: Path, method: str, seed: int, task: str) -> dict:
+    """A finished run's row, read back from the MLflow store at ``uri`` (its final grid is
+    downloaded into ``work``)."""
+    import mlflow
+
+    name = f"{method}-seed{seed}"
     c = mlflow.MlflowClient(uri)
     run = c.search_runs([c.get_experiment_by_name(method).experiment_id],
                         filter_string=f"attributes.run_name = '{name}'")[0]
@@ -62,7 +69,7 @@ def run_method(method: str, task: str, work: Path, extra: list[str], seed: int) 
     periodic = m.get("time_eval_s", 0.0) - final_eval  # the step-0 baseline and the schedule's points
     loop_s = sum(v for k, v in m.items() if k.startswith("time_") and k.endswith("_s"))
     grid = Path(c.download_artifacts(run.info.run_id, "samples/final.png", str(work)))
-    return {"method": method, "seed": seed, "task": task, "steps": steps, "command_s": wall, "loop_s": loop_s,
+    return {"method": method, "seed": seed, "task": task, "steps": steps, "loop_s": loop_s,
             "train_s": m["time_train_s"], "periodic_eval_s": periodic, "periodic_evals": sorted(evals),
             "final_eval_s": final_eval, "periodic_share": periodic / loop_s,
             "target_rate": m.get("target_rate"), "target_rate_source": m.get("target_rate_source"),

@@ -137,7 +137,7 @@ class RunSettings(_Strict):
     # Periodic evaluations (the source's baseline at step 0, the points of eval_schedule, ASHA's
     # rungs) watch a run and let a scheduler compare trials at one budget; the final evaluation
     # measures the result, the protocol of record. They share the sampler (its step count changes
-    # what the samples look like: the demo's model, 256 samples, target_rate 0.11 at 50 DDIM
+    # what the samples look like: the demo's 300-step model, 256 samples, target_rate 0.11 at 50 DDIM
     # steps, 0.33 at 25) and differ only in the sample count: 64 periodic, 256 final. On 2 CPU
     # cores a 32-px DDPM evaluation of 64 samples at 50 DDIM steps takes ~9 s, of 256 ~40 s, as
     # long as ~400 training steps (README "Every method's defaults"). Rates and diversity agree

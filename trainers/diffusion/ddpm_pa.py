@@ -150,6 +150,10 @@ class DDPMPA(DDPMFinetune):
     key = "ddpm_pa"
     family = "diffusion"
     Config = DDPMPAConfig
+    # fine-tuning's budget, so that the two compare at one budget. From the shipped source to
+    # `sketch` PA's samples stay at the source even there: target_rate 0.01 after 1,000 steps
+    # (fine-tuning 0.91; benchmarks/results/pa_vs_finetune_1000.md)
+    default_steps = 1000
 
     def __init__(self, config: DDPMPAConfig, source: DiffusionSource, device: torch.device, seed: int = 0,
                  perf: DevicePerf | None = None):
