@@ -9,14 +9,14 @@
   ``text_table``;
 * the JSON a script records and its markdown, re-rendered by ``--report-only``: ``read_result``,
   ``write_markdown``;
-* running the project's one training loop (``orchestrator.loop.run_loop``) from a script:
+* running the project's one training loop (``orchestrator.runtime.loop.run_loop``) from a script:
   ``run_row`` (a run's table row), ``same_images`` (the loop trained on the script's images),
   ``reload`` (the trained method from its export), ``node_cache``, ``copy_into_place`` and
   ``install`` (a pretrained source put where the CLI caches it), ``log``, and
   ``SAMPLE_SEED_OFFSET`` (the loop's evaluation protocol).
 
-Scripts run as ``python benchmarks/<script>.py`` import it as ``common`` (Python puts the script's
-folder first on the import path); the project itself is imported as installed. Nothing heavy (torch,
+Benchmarks run as ``python -m benchmarks.<script>`` from the repository root and import it as
+``benchmarks.common``; the project itself is imported as installed. Nothing heavy (torch,
 the project) is imported here at module level, so that ``--report-only`` stays quick: the
 functions that need them import them when called.
 """
@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 
     import torch
 
-    from orchestrator.artifacts import ArtifactRef
-    from orchestrator.job import Job
+    from orchestrator.data.artifacts import ArtifactRef
+    from orchestrator.runtime.job import Job
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 RESULTS = Path(__file__).resolve().parent / "results"  # benchmarks/results: the recorded results
@@ -56,8 +56,8 @@ LOOP_KEYS = {"step", "steps_per_s", "images_per_s", "export", "trainable_paramet
 # the record: command, settings, machine, device
 # ------------------------------------------------------------------------------------------------
 def command_line(script: str, argv: list[str] | None = None) -> str:
-    """``python benchmarks/<script>.py`` and its arguments (``argv``, else this process's)."""
-    return f"python benchmarks/{script}.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    """``python -m benchmarks.<script>`` and its arguments (``argv``, else this process's)."""
+    return f"python -m benchmarks.{script}" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
 
 
 def settings_of(args: argparse.Namespace, drop: Iterable[str] = ()) -> dict[str, Any]:
@@ -179,7 +179,7 @@ def run_row(final: dict[str, Any], metric_keys: set[str], steps: int, cpu_s_per_
 
 def same_images(ref: ArtifactRef, images: torch.Tensor, what: str) -> None:
     """The loop's copy of an image set (published by ``prepare``) is this script's set."""
-    from orchestrator.artifacts import load_array
+    from orchestrator.data.artifacts import load_array
 
     if not np.array_equal(load_array(ref), images.permute(0, 2, 3, 1).numpy()):
         raise RuntimeError(f"the loop's {what} differ from this script's")
@@ -187,8 +187,8 @@ def same_images(ref: ArtifactRef, images: torch.Tensor, what: str) -> None:
 
 def reload(job: Job, export: ArtifactRef, device: torch.device):
     """The trained method around its export (the loop's class, config and precision), for sampling."""
-    from orchestrator.artifacts import fetch
-    from orchestrator.loop import method_class, perf_for
+    from orchestrator.data.artifacts import fetch
+    from orchestrator.runtime.loop import method_class, perf_for
     from trainers.registry import load_source_model
 
     cls = method_class(job)
@@ -238,7 +238,7 @@ def copy_into_place(src: Path, folder: Path, ready: Callable[[], bool]) -> bool:
 def install(export: Path, task: Any, folder: Path) -> None:
     """A copy of a pretraining export at ``folder``; when a CLI run finished the same spec
     meanwhile, theirs is kept."""
-    from orchestrator.sources import is_ready
+    from orchestrator.runs.sources import is_ready
 
     if not copy_into_place(export, folder, lambda: is_ready(task, folder)):
         log(f"  {folder} appeared meanwhile; keeping it")

@@ -1,16 +1,16 @@
 """DDPM-PA vs plain fine-tuning: the paper's comparison (Zhu et al. 2022, arXiv 2211.03264) in small.
 
-    python benchmarks/ddpm_pa_vs_finetune.py [--domain sketch] [--seeds 0 1 2] [--steps 300]
+    python -m benchmarks.ddpm_pa_vs_finetune [--domain sketch] [--seeds 0 1 2] [--steps 300]
         [--batch-size 8] [--samples 256] [--sample-steps 10] [--pretrain-steps N]
         [--out benchmarks/results] [--threads 2] [--vary-shots]
 
-Everything is trained through the project's one training loop (``orchestrator.loop.run_loop`` in
+Everything is trained through the project's one training loop (``orchestrator.runtime.loop.run_loop`` in
 this process with a ``StoreSession``: no Ray, no MLflow); nothing here steps an optimiser. The
 loop's run storage and the artifacts it fetches are kept in a temporary folder, removed at the end.
 
 1. The source DDPM of the built-in task ``synthetic:<domain>`` with the pretrain spec
    ``SOURCE_SPEC`` (below): the very folder the CLI uses for that spec
-   (``orchestrator.sources.cached_source_path``). When it is not there yet it is pretrained here
+   (``orchestrator.runs.sources.cached_source_path``). When it is not there yet it is pretrained here
    as the CLI's ``pretrain_source`` does it (the spec's pretrainer, method config, data, seed and
    batch stream: a ``Job(kind="pretrain")`` run by ``run_loop``), and its export is copied there
    (so the CLI reuses it, and vice versa).
@@ -21,7 +21,7 @@ loop's run storage and the artifacts it fetches are kept in a temporary folder, 
    trained once with ``train_domain_encoder``, saved atomically).
 2. For each seed and each method (``ddpm_finetune``, ``ddpm_pa``, default configs, the same
    steps and batch size), an adaptation run on the task's ten shots through
-   ``orchestrator.config.resolve`` / ``orchestrator.inputs.prepare`` / ``make_job`` / ``run_loop``.
+   ``orchestrator.core.config.resolve`` / ``orchestrator.runs.inputs.prepare`` / ``make_job`` / ``run_loop``.
    The run's row is the loop's final evaluation: ``--samples`` samples (sampling noise seed =
    seed + 12345) at ``--sample-steps`` DDIM steps, ``evaluate``-d with this script's feature
    networks against the task's reference set (1,000 synthetic target images; the loop's copies of
@@ -70,13 +70,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from orchestrator.artifacts import ArtifactRef, fetch, publish  # noqa: E402
-from orchestrator.config import PretrainSpec, RunSettings, TaskConfig, builtin_task, resolve  # noqa: E402
-from orchestrator.inputs import make_job, prepare  # noqa: E402
-from orchestrator.job import Job  # noqa: E402
-from orchestrator.loop import LoopResult, run_loop  # noqa: E402
-from orchestrator.session import StoreSession  # noqa: E402
-from orchestrator.sources import (  # noqa: E402
+from orchestrator.data.artifacts import ArtifactRef, fetch, publish  # noqa: E402
+from orchestrator.core.config import PretrainSpec, RunSettings, TaskConfig, builtin_task, resolve  # noqa: E402
+from orchestrator.runs.inputs import make_job, prepare  # noqa: E402
+from orchestrator.runtime.job import Job  # noqa: E402
+from orchestrator.runtime.loop import LoopResult, run_loop  # noqa: E402
+from orchestrator.runtime.session import StoreSession  # noqa: E402
+from orchestrator.runs.sources import (  # noqa: E402
     ResolvedSource,
     cached_source_path,
     domain_encoder_for,
@@ -84,13 +84,13 @@ from orchestrator.sources import (  # noqa: E402
     is_ready,
     pretrain_job,
 )
-from orchestrator.storage import data_cache_dir  # noqa: E402
+from orchestrator.data.storage import data_cache_dir  # noqa: E402
 from trainers.builtin import builtin_encoder  # noqa: E402
 from trainers.data import TARGET_DOMAINS, load_images, to_tensor  # noqa: E402
 from trainers.diffusion.backbone import ddim_sample, load_source  # noqa: E402
 from trainers.metrics import MissingWeightsError, ReferenceStats, available_extractors, evaluate  # noqa: E402
 from trainers.perf import DevicePerf  # noqa: E402
-from common import (  # noqa: E402  (benchmarks/common.py)
+from benchmarks.common import (  # noqa: E402  (benchmarks/common.py)
     RESULTS,
     SAMPLE_SEED_OFFSET,
     Clock,
@@ -120,7 +120,7 @@ REPORT_EVERY = 50  # adaptation runs: steps per report of the loop (a log line; 
 # What the loop's final report holds besides the evaluation's metrics and the training terms
 # (and its phase timings, time_<phase>_s).
 LOOP_EVAL_KEYS = {"target_rate_domain", "eval_seconds"}  # the loop's evaluation adds these to evaluate()'s
-LOOP = "orchestrator.loop.run_loop in this process (StoreSession)"  # the result's "loop": who trained
+LOOP = "orchestrator.runtime.loop.run_loop in this process (StoreSession)"  # the result's "loop": who trained
 
 
 class Progress:

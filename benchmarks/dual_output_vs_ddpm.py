@@ -1,11 +1,11 @@
 """Dynamic Dual-Output Diffusion (``dual_output``; Benny & Wolf, CVPR 2022) vs an ordinary
 ε-predicting DDPM, at 5 to 100 sampling steps: the paper's claim is better quality at few steps.
 
-    python benchmarks/dual_output_vs_ddpm.py                 # the default run (~35-45 min on 2 idle cores)
-    python benchmarks/dual_output_vs_ddpm.py --pretrain-steps 50 --steps 20 --samples 32 --seeds 0   # smoke
-    python benchmarks/dual_output_vs_ddpm.py --report-only   # re-render the markdown from the JSON
+    python -m benchmarks.dual_output_vs_ddpm                 # the default run (~35-45 min on 2 idle cores)
+    python -m benchmarks.dual_output_vs_ddpm --pretrain-steps 50 --steps 20 --samples 32 --seeds 0   # smoke
+    python -m benchmarks.dual_output_vs_ddpm --report-only   # re-render the markdown from the JSON
 
-Everything is trained through the project's one training loop (``orchestrator.loop.run_loop`` in
+Everything is trained through the project's one training loop (``orchestrator.runtime.loop.run_loop`` in
 this process with a ``StoreSession``: no Ray, no MLflow); nothing here steps an optimiser.
 
 1. **Two sources, equal budgets**: ``ddpm_pretrain`` (ε prediction) and ``dual_output_pretrain``
@@ -15,7 +15,7 @@ this process with a ``StoreSession``: no Ray, no MLflow); nothing here steps an 
    under ``--cache-dir`` (default ``$TMPDIR/dual_output_vs_ddpm_cache``) in a folder keyed by
    those settings; a rerun with the same settings reuses it (and says so).
 2. **Adaptation** to the built-in task ``synthetic:<domain>`` (``--shots`` shots, the task's own
-   draw) through ``orchestrator.config.resolve`` / ``orchestrator.inputs.prepare`` / ``make_job``
+   draw) through ``orchestrator.core.config.resolve`` / ``orchestrator.runs.inputs.prepare`` / ``make_job``
    / ``run_loop``, for every seed: ``ddpm_finetune`` on the ordinary source, ``dual_output`` on the
    dual-output source, and ``dual_output`` on the *ordinary* source (widened at build time, exactly
    the source at the start: r = ``--widen-r-bias`` = −30, so s = sigmoid(r) ≈ 1e-13 and, as the
@@ -71,14 +71,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from orchestrator.artifacts import fetch, load_array, publish, publish_array  # noqa: E402
-from orchestrator.config import RunSettings, resolve  # noqa: E402
-from orchestrator.inputs import make_job, prepare  # noqa: E402
-from orchestrator.job import Job  # noqa: E402
-from orchestrator.loop import LoopResult, run_loop  # noqa: E402
-from orchestrator.session import StoreSession  # noqa: E402
-from orchestrator.sources import ResolvedSource  # noqa: E402
-from orchestrator.tracking import image_grid, png_bytes  # noqa: E402
+from orchestrator.data.artifacts import fetch, load_array, publish, publish_array  # noqa: E402
+from orchestrator.core.config import RunSettings, resolve  # noqa: E402
+from orchestrator.runs.inputs import make_job, prepare  # noqa: E402
+from orchestrator.runtime.job import Job  # noqa: E402
+from orchestrator.runtime.loop import LoopResult, run_loop  # noqa: E402
+from orchestrator.runtime.session import StoreSession  # noqa: E402
+from orchestrator.runs.sources import ResolvedSource  # noqa: E402
+from orchestrator.records.tracking import image_grid, png_bytes  # noqa: E402
 from trainers.builtin import builtin_classifier  # noqa: E402
 from trainers.builtin import HERE as BUILTIN_DIR, ENCODERS  # noqa: E402
 from trainers.data import TARGET_DOMAINS, load_images, render  # noqa: E402
@@ -87,7 +87,7 @@ from trainers.diffusion.dual_output import split_output  # noqa: E402
 from trainers.metrics import DomainEncoder, ReferenceStats, evaluate, train_domain_encoder  # noqa: E402
 from trainers.metrics.domain_classifier import DomainClassifier  # noqa: E402
 from trainers.registry import get_method, pretrainer  # noqa: E402
-from common import (  # noqa: E402  (benchmarks/common.py)
+from benchmarks.common import (  # noqa: E402  (benchmarks/common.py)
     RESULTS,
     SAMPLE_SEED_OFFSET,
     Clock,

@@ -6,8 +6,8 @@ evaluate` (the runs' own protocol, through the public API) at several sample cou
 over several seeds (the spread of the in-training number), and larger counts up to 5,000 (the
 reference set holds 1,000 images; FID is biased by the sample count, so it is reported per count).
 
-    python benchmarks/eval_scale.py [--big 5000] [--seeds 6]
-    python benchmarks/eval_scale.py --report-only
+    python -m benchmarks.eval_scale [--big 5000] [--seeds 6]
+    python -m benchmarks.eval_scale --report-only
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, ROOT, cores, read_result, write_markdown
+from benchmarks.common import RESULTS, ROOT, cores, read_result, write_markdown
 
 KEYS = ("fid_domain", "kid_domain", "intra_dist_domain", "coverage_domain", "density_domain", "target_rate_domain")
 
@@ -59,8 +59,8 @@ def main() -> None:
 
     from orchestrator import api
     from orchestrator.cli import DEMO_RUN
-    from orchestrator.config import DEFAULT_TASK, resolve
-    from orchestrator.raycluster import init_ray, shutdown
+    from orchestrator.core.config import DEFAULT_TASK, resolve
+    from orchestrator.runtime.raycluster import init_ray, shutdown
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(args.workdir)

@@ -1,16 +1,16 @@
 """DCL vs plain GAN fine-tuning: the comparison of Zhao et al., "A Closer Look at Few-shot Image
 Generation" (CVPR 2022, arXiv 2205.03805) in small.
 
-    python benchmarks/gan_finetune_vs_dcl.py [--domain sketch] [--seeds 0 1 2] [--steps 400]
+    python -m benchmarks.gan_finetune_vs_dcl [--domain sketch] [--seeds 0 1 2] [--steps 400]
         [--batch-size 4] [--samples 256] [--eval-every 100] [--pretrain-steps N]
         [--out benchmarks/results] [--threads 1] [--vary-shots]
 
-Everything is trained through the project's one training loop (``orchestrator.loop.run_loop`` in
+Everything is trained through the project's one training loop (``orchestrator.runtime.loop.run_loop`` in
 this process with a ``StoreSession``: no Ray, no MLflow); nothing here steps an optimiser. The
 loop's run storage and the artifacts it fetches are kept in a temporary folder, removed at the end.
 
 1. The source StyleGAN2 of the built-in task ``synthetic:<domain>`` with family ``stylegan2``: the
-   very folder the CLI uses (``orchestrator.sources.cached_source_path``). When it is not there yet
+   very folder the CLI uses (``orchestrator.runs.sources.cached_source_path``). When it is not there yet
    it is pretrained here as the CLI's ``pretrain_source`` does it (the spec's pretrainer, method
    config, images, seed and batch stream, lr None = the pretrainer's default: a
    ``Job(kind="pretrain")`` run by ``run_loop``), and its export is copied there, so that CLI runs
@@ -19,10 +19,10 @@ loop's run storage and the artifacts it fetches are kept in a temporary folder, 
    under the default spec's name.
    The domain encoder behind the ``*_domain`` metrics is the CLI's too (``encoder_path(task)``);
    when missing it is trained here with ``train_domain_encoder`` with the arguments of
-   ``orchestrator.sources.domain_encoder_for`` and saved atomically (a per-process temporary file).
+   ``orchestrator.runs.sources.domain_encoder_for`` and saved atomically (a per-process temporary file).
 2. For each seed and each method (``gan_finetune``, ``dcl``, default configs, the same steps and
-   batch size), an adaptation run on the task's ten shots through ``orchestrator.config.resolve`` /
-   ``orchestrator.inputs.prepare`` / ``make_job`` / ``run_loop``. The loop evaluates every
+   batch size), an adaptation run on the task's ten shots through ``orchestrator.core.config.resolve`` /
+   ``orchestrator.runs.inputs.prepare`` / ``make_job`` / ``run_loop``. The loop evaluates every
    ``--eval-every`` steps (a quality/diversity trajectory; outside the loop's training time, and
    sampling has its own generator, so it changes nothing in the training) and at the end (the
    run's row): ``--samples`` images from G_ema (noise seed = seed + 12345), ``evaluate``-d with this
@@ -88,7 +88,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import (  # benchmarks/common.py
+from benchmarks.common import (  # benchmarks/common.py
     RESULTS,
     SAMPLE_SEED_OFFSET,
     Clock,
@@ -108,14 +108,14 @@ from common import (  # benchmarks/common.py
     settings_of,
     text_table,
 )
-from orchestrator.artifacts import ArtifactRef, fetch, publish
-from orchestrator.config import PretrainSpec, RunSettings, TaskConfig, builtin_task, resolve
-from orchestrator.inputs import make_job, prepare
-from orchestrator.job import Job
-from orchestrator.loop import LoopResult, run_loop
-from orchestrator.session import StoreSession
-from orchestrator.sources import ResolvedSource, cached_source_path, encoder_path, is_ready, pretrain_job
-from orchestrator.storage import cache_home, data_cache_dir
+from orchestrator.data.artifacts import ArtifactRef, fetch, publish
+from orchestrator.core.config import PretrainSpec, RunSettings, TaskConfig, builtin_task, resolve
+from orchestrator.runs.inputs import make_job, prepare
+from orchestrator.runtime.job import Job
+from orchestrator.runtime.loop import LoopResult, run_loop
+from orchestrator.runtime.session import StoreSession
+from orchestrator.runs.sources import ResolvedSource, cached_source_path, encoder_path, is_ready, pretrain_job
+from orchestrator.data.storage import cache_home, data_cache_dir
 from trainers.data import TARGET_DOMAINS, load_images, to_tensor
 from trainers.gan.dcl import DCL
 from trainers.gan.gan_finetune import GANFinetune
@@ -135,7 +135,7 @@ TERMS = ("d_loss", "g_adv", "g_cl", "g_cl_d", "d_cl", "real_score", "fake_score"
 # What the loop's final report holds besides the evaluation's metrics and the training terms
 # (and its phase timings, time_<phase>_s).
 LOOP_EVAL_KEYS = {"target_rate_domain", "eval_seconds"}  # the loop's evaluation adds these to evaluate()'s
-LOOP = "orchestrator.loop.run_loop in this process (StoreSession)"  # the result's "loop": who trained
+LOOP = "orchestrator.runtime.loop.run_loop in this process (StoreSession)"  # the result's "loop": who trained
 
 
 class Progress:

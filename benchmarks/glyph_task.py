@@ -3,7 +3,7 @@ on near-black backgrounds (the kind of user task with which the GAN defaults wer
 "Defaults on a new domain"). Writes ``shots/`` (10 images), ``reference/`` (200 images) and two task
 files, one per source family, adapting the shipped sources:
 
-    python benchmarks/glyph_task.py --out /tmp/glyphs
+    python -m benchmarks.glyph_task --out /tmp/glyphs
     orchestrate train gan_finetune --task /tmp/glyphs/gan.yaml                       # the defaults
     orchestrate train gan_finetune --task /tmp/glyphs/gan.yaml --set ema_decay=0.99778  # rosinality's EMA
     orchestrate train ddpm_finetune --task /tmp/glyphs/ddpm.yaml

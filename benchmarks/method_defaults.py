@@ -4,16 +4,16 @@
 Each method runs as a user runs it, ``orchestrate train METHOD --task TASK`` in its own process,
 recorded in a fresh MLflow store; the table is read back from MLflow: the wall seconds of training
 (``time_train_s``), of the periodic evaluations (the step-0 baseline and the schedule's points,
-``orchestrator.job.eval_schedule``) and of the final one (``eval_seconds`` at the last step), the
+``orchestrator.runtime.job.eval_schedule``) and of the final one (``eval_seconds`` at the last step), the
 share of the run's wall time that periodic evaluation took, the truth check's ``target_rate`` (with
 the source's floor and the classifier's separation) and ``fid_domain`` at the end. The final grids
 are copied beside the JSON::
 
-    python benchmarks/method_defaults.py --task synthetic:sketch --out benchmarks/results/defaults_sketch.json
-    python benchmarks/glyph_task.py --out /tmp/glyphs
-    python benchmarks/method_defaults.py --task /tmp/glyphs/{family}.yaml --out benchmarks/results/defaults_glyphs.json
-    python benchmarks/method_defaults.py --report-only --out benchmarks/results/defaults_sketch.json
-    python benchmarks/method_defaults.py --methods ddpm_finetune,ddpm_pa --set run.steps=1000 --seeds 0 1 2 \
+    python -m benchmarks.method_defaults --task synthetic:sketch --out benchmarks/results/defaults_sketch.json
+    python -m benchmarks.glyph_task --out /tmp/glyphs
+    python -m benchmarks.method_defaults --task /tmp/glyphs/{family}.yaml --out benchmarks/results/defaults_glyphs.json
+    python -m benchmarks.method_defaults --report-only --out benchmarks/results/defaults_sketch.json
+    python -m benchmarks.method_defaults --methods ddpm_finetune,ddpm_pa --set run.steps=1000 --seeds 0 1 2 \
         --out benchmarks/results/pa_vs_finetune_1000.json
 
 ``{family}`` in ``--task`` is replaced by each method's source family (``ddpm`` or ``gan``).
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import command_line, cores, md_table, mean_std, processor, read_result, write_markdown
+from benchmarks.common import command_line, cores, md_table, mean_std, processor, read_result, write_markdown
 
 METHODS = ["ddpm_finetune", "ddpm_pa", "dual_output", "self_guided", "gan_finetune", "dcl", "lfs_gan"]
 GAN_METHODS = {"gan_finetune", "dcl", "lfs_gan"}

@@ -3,7 +3,7 @@
 N concurrent trials (default 32) each open an MLflow run as a sweep trial does (run, params) and
 then log as the training loop does: every ``--every`` steps of ``--step-ms`` ms, one ``log_batch``
 request with the report's metrics and the ``orchestrate.logged_step`` tag
-(``orchestrator.tracking.MetricBuffer``, the loop's own code path). Each trial is a thread with
+(``orchestrator.records.tracking.MetricBuffer``, the loop's own code path). Each trial is a thread with
 its own client; every request's latency and every error is recorded. Two phases:
 
 * ``paced``: the rate a real sweep makes (N trials x one request per every*step-ms), for
@@ -15,8 +15,8 @@ SQLite backend, a local folder standing in for the S3 artifact destination) on a
 Here the load generator and the server share 2 cores; on a cluster the server has the head's
 cores to itself, so these are lower bounds.
 
-    python benchmarks/mlflow_load.py [--trials 32] [--every 10] [--step-ms 20] [--seconds 60]
-    python benchmarks/mlflow_load.py --report-only
+    python -m benchmarks.mlflow_load [--trials 32] [--every 10] [--step-ms 20] [--seconds 60]
+    python -m benchmarks.mlflow_load --report-only
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import RESULTS, cores, read_result, write_markdown
-from orchestrator import tracking
+from benchmarks.common import RESULTS, cores, read_result, write_markdown
+from orchestrator.records import tracking
 
 METRICS = ("loss", "loss_simple", "loss_pa", "grad_norm", "lr", "steps_per_s", "images_per_s", "data_s")
 

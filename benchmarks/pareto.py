@@ -20,9 +20,9 @@ Written to ``benchmarks/results/pareto_<pair>.md`` and ``.json`` with the machin
 the wall time. Quality: on the CPU the sweeps are small (``--trials``, ``--steps``): a front from
 eight trials is a coarse one; it is what this machine affords, and the script says so.
 
-    python benchmarks/pareto.py --pair diffusion [--trials 8] [--steps 300] [--domain sketch]
-    python benchmarks/pareto.py --pair gan --report-only        # re-render from the JSON
-    python benchmarks/pareto.py --pair diffusion --task my_task.yaml --trials 2 --steps 20 \
+    python -m benchmarks.pareto --pair diffusion [--trials 8] [--steps 300] [--domain sketch]
+    python -m benchmarks.pareto --pair gan --report-only        # re-render from the JSON
+    python -m benchmarks.pareto --pair diffusion --task my_task.yaml --trials 2 --steps 20 \
         --samples 32 --out /tmp/pareto-check                     # a quick end-to-end check
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, SAMPLE_SEED_OFFSET, processor, read_result
+from benchmarks.common import RESULTS, SAMPLE_SEED_OFFSET, processor, read_result
 
 PAIRS = {"diffusion": ("ddpm_finetune", "ddpm_pa"), "gan": ("gan_finetune", "dcl")}
 OBJECTIVES = (("fid_domain", "min"), ("intra_dist_domain", "max"))
@@ -47,12 +47,12 @@ EXTRA = ("coverage_domain", "density_domain", "target_rate_domain", "kid_domain"
 def run_pair(args) -> dict:
     import torch
 
-    from orchestrator import tracking
-    from orchestrator.config import resolve
-    from orchestrator.raycluster import init_ray, shutdown
-    from orchestrator.space import build_space
-    from orchestrator.space import pareto_front
-    from orchestrator.sweep import SweepSettings, run_sweep
+    from orchestrator.records import tracking
+    from orchestrator.core.config import resolve
+    from orchestrator.runtime.raycluster import init_ray, shutdown
+    from orchestrator.search.space import build_space
+    from orchestrator.search.space import pareto_front
+    from orchestrator.search.sweep import SweepSettings, run_sweep
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -116,10 +116,10 @@ def anchors(args) -> dict:
     source content (diversity above the real target's own is not a virtue)."""
     import torch
 
-    from orchestrator.config import resolve
-    from orchestrator.inputs import check_data, synthetic_domain
-    from orchestrator.loop import load_domain_classifier, metric_extractors
-    from orchestrator.sources import domain_encoder_for, locate_source, resolve_source
+    from orchestrator.core.config import resolve
+    from orchestrator.runs.inputs import check_data, synthetic_domain
+    from orchestrator.runtime.loop import load_domain_classifier, metric_extractors
+    from orchestrator.runs.sources import domain_encoder_for, locate_source, resolve_source
     from trainers.builtin import builtin_classifier, sample_source
     from trainers.data import render
     from trainers.metrics import ReferenceStats, evaluate

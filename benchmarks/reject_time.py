@@ -10,8 +10,8 @@ refusals, 0 for help) and the number of lines a refusal printed.
 The old commit runs from a ``git worktree`` with this checkout's venv (``PYTHONPATH`` puts its
 code first), so only the code differs.
 
-    python benchmarks/reject_time.py [--runs 5] [--before a80a26d]
-    python benchmarks/reject_time.py --report-only
+    python -m benchmarks.reject_time [--runs 5] [--before a80a26d]
+    python -m benchmarks.reject_time --report-only
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, cores, read_result, write_markdown
+from benchmarks.common import RESULTS, ROOT, cores, read_result, write_markdown
 
 BAD_TASK = """name: typo
 sourse:

@@ -20,9 +20,9 @@ with the next one, so "steady" overstates a pool's rate (the last two shards arr
 Ratios use the steady rate; the end-to-end one says what a short job pays. Goals: one worker
 >= 0.95x the plain loop with the same threads; two one-CPU workers >= 1.7x one one-CPU worker.
 
-    python benchmarks/sampling.py [--n 256] [--batch-size 32] [--model DIR]
-    python benchmarks/sampling.py --marginal [--rounds 2]  # every variant at n/2 and 3n/2: rates free of start-up
-    python benchmarks/sampling.py --report-only        # re-render the markdown from the JSON
+    python -m benchmarks.sampling [--n 256] [--batch-size 32] [--model DIR]
+    python -m benchmarks.sampling --marginal [--rounds 2]  # every variant at n/2 and 3n/2: rates free of start-up
+    python -m benchmarks.sampling --report-only        # re-render the markdown from the JSON
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, cores, read_result, write_markdown
+from benchmarks.common import RESULTS, cores, read_result, write_markdown
 
 
 def plain_loop(model: str, n: int, batch_size: int, steps: int, threads: int, barrier=None) -> dict:
@@ -66,7 +66,7 @@ def actor_code_loop(model: str, n: int, batch_size: int, steps: int, threads: in
     """The body of a sampling actor without Ray: the same model loader, generator and PNG encoder."""
     import torch
 
-    from orchestrator.sampling import png_bytes
+    from orchestrator.runtime.sampling import png_bytes
     from trainers.generate import SampleOptions, open_model
 
     torch.set_num_threads(threads)
@@ -169,7 +169,7 @@ def marginal(args: argparse.Namespace) -> None:
     ``results/sampling_marginal.json`` and ``.md``."""
     import statistics
 
-    from orchestrator.raycluster import init_ray, shutdown
+    from orchestrator.runtime.raycluster import init_ray, shutdown
     from trainers.builtin import builtin_source
 
     model = args.model or str(builtin_source("ddpm", 32))
@@ -266,7 +266,7 @@ def main() -> None:
     import ray
     import torch
 
-    from orchestrator.raycluster import init_ray, shutdown
+    from orchestrator.runtime.raycluster import init_ray, shutdown
     from trainers.builtin import builtin_source
 
     model = args.model or str(builtin_source("ddpm", 32))

@@ -1,20 +1,20 @@
 """Self-guided vs unguided sampling (Hu et al., "Self-Guided Diffusion Models", CVPR 2023, arXiv
 2210.06462) in small, on the built-in synthetic few-shot tasks.
 
-    python benchmarks/self_guided_vs_unguided.py                    # the default run (see --help)
-    python benchmarks/self_guided_vs_unguided.py --targets sketch --seeds 0 --steps 50 --samples 64 \\
+    python -m benchmarks.self_guided_vs_unguided                    # the default run (see --help)
+    python -m benchmarks.self_guided_vs_unguided --targets sketch --seeds 0 --steps 50 --samples 64 \\
         --sample-steps 10 --pretrain-steps 200                      # a quick end-to-end check
-    python benchmarks/self_guided_vs_unguided.py --self-guided-source   # + a self-guided source row
-    python benchmarks/self_guided_vs_unguided.py --report-only      # re-render the markdown from the JSON
+    python -m benchmarks.self_guided_vs_unguided --self-guided-source   # + a self-guided source row
+    python -m benchmarks.self_guided_vs_unguided --report-only      # re-render the markdown from the JSON
 
-Everything trains through the project's one training loop (``orchestrator.loop.run_loop`` with a
+Everything trains through the project's one training loop (``orchestrator.runtime.loop.run_loop`` with a
 ``StoreSession``, in this process: no Ray, no MLflow); nothing here steps a method itself.
 
 1. **Source.** A plain DDPM (``ddpm_pretrain``, UNet preset ``--preset``) on the built-in synthetic
    source domain (4,096 images), as a ``Job(kind="pretrain")``. With ``--self-guided-source`` also a
    self-guided source (``self_guided_pretrain``: k = 32 source clusters of the shipped domain
    encoder's features) with the same steps, batch and lr. Both are cached where the CLI caches a
-   source of the same pretraining spec (``orchestrator.sources.cached_source_path``: the key hashes
+   source of the same pretraining spec (``orchestrator.runs.sources.cached_source_path``: the key hashes
    the spec), so a rerun — or a CLI task with that spec — reuses them; an interrupted pretraining
    resumes from its last checkpoint (its run storage is kept under the node cache).
 2. **Adaptation.** For each target (``--targets``, default sketch and night; the task's 10 shots,
@@ -22,7 +22,7 @@ Everything trains through the project's one training loop (``orchestrator.loop.r
    ``self_guided`` (its defaults: ``target_labels=new_clusters``, k_target = 5 clusters of the
    shots in the shipped encoder's space, label dropout p = 0.1, concat conditioning, AdamW weight
    decay 0.01 — ddpm_finetune's default is 0) with the same steps, lr and batch size, through
-   ``orchestrator.config.resolve`` → ``orchestrator.inputs.prepare``/``make_job`` → ``run_loop``.
+   ``orchestrator.core.config.resolve`` → ``orchestrator.runs.inputs.prepare``/``make_job`` → ``run_loop``.
    The run seed varies the initialisation of the new conditioning weights, the batches and the
    noise; the pseudo-labels are seeded by ``cluster_seed`` and are the same for every seed.
 3. **Evaluation.** The trained method is restored from the run's final checkpoint (the loop's own
@@ -75,8 +75,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from orchestrator.artifacts import fetch, publish  # noqa: E402
-from orchestrator.config import (  # noqa: E402
+from orchestrator.data.artifacts import fetch, publish  # noqa: E402
+from orchestrator.core.config import (  # noqa: E402
     PretrainSpec,
     ResolvedConfig,
     RunSettings,
@@ -85,21 +85,21 @@ from orchestrator.config import (  # noqa: E402
     TaskConfig,
     resolve,
 )
-from orchestrator.inputs import Inputs, make_job, prepare  # noqa: E402
-from orchestrator.job import Job  # noqa: E402
-from orchestrator.loop import STATE_FILE, build_method, images_tensor, run_loop  # noqa: E402
-from orchestrator.rng import load_state  # noqa: E402
-from orchestrator.session import StoreSession  # noqa: E402
-from orchestrator.sources import ResolvedSource, cached_source_path, is_ready, pretrain_job  # noqa: E402
-from orchestrator.storage import cache_home, remove_run_dir  # noqa: E402
-from orchestrator.tracking import image_grid, png_bytes  # noqa: E402
+from orchestrator.runs.inputs import Inputs, make_job, prepare  # noqa: E402
+from orchestrator.runtime.job import Job  # noqa: E402
+from orchestrator.runtime.loop import STATE_FILE, build_method, images_tensor, run_loop  # noqa: E402
+from orchestrator.core.rng import load_state  # noqa: E402
+from orchestrator.runtime.session import StoreSession  # noqa: E402
+from orchestrator.runs.sources import ResolvedSource, cached_source_path, is_ready, pretrain_job  # noqa: E402
+from orchestrator.data.storage import cache_home, remove_run_dir  # noqa: E402
+from orchestrator.records.tracking import image_grid, png_bytes  # noqa: E402
 from trainers.base import PrepareContext  # noqa: E402
 from trainers.builtin import builtin_classifier  # noqa: E402
 from trainers.data import TARGET_DOMAINS, render  # noqa: E402
 from trainers.metrics import DomainEncoder, ReferenceStats, evaluate  # noqa: E402
 from trainers.metrics.domain_classifier import DomainClassifier  # noqa: E402
 from trainers.registry import pretrainer  # noqa: E402
-from common import (  # noqa: E402  (benchmarks/common.py)
+from benchmarks.common import (  # noqa: E402  (benchmarks/common.py)
     RESULTS,
     ROOT,
     SAMPLE_SEED_OFFSET,

@@ -3,7 +3,7 @@ images of the synthetic source domain, and the shipped domain classifier's verdi
 samples (the share it assigns to each of the six synthetic domains; the acceptance bar is at least
 0.8 for ``source``, as ``tests/test_shipped_sources.py`` checks on 128 samples).
 
-    python benchmarks/shipped_sources.py [--samples 256] [--steps 50]
+    python -m benchmarks.shipped_sources [--samples 256] [--steps 50]
 
 Writes ``benchmarks/results/shipped_sources.md`` and ``shipped_sources_<folder>.png`` (64 samples,
 DDIM with ``--steps`` steps for a DDPM; the EMA generator without truncation for a StyleGAN2) and
@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import RESULTS
+from benchmarks.common import RESULTS
 
 
 def main() -> None:
-    from orchestrator.tracking import image_grid, png_bytes
-    from orchestrator.sources import RECIPE_FILE
+    from orchestrator.records.tracking import image_grid, png_bytes
+    from orchestrator.runs.sources import RECIPE_FILE
     from trainers.builtin import HERE, SOURCES, SYNTHETIC_SOURCE, builtin_classifier, sample_source
     from trainers.data import load_images
     from trainers.metrics.domain_classifier import DomainClassifier

@@ -13,7 +13,7 @@ the inputs, reference statistics) is reported apart. Where a trial's seconds go 
 loop's own phase timings (``time_<phase>_s``, logged to each child run); the rest of a trial's wall
 time (Tune scheduling, the trial process, MLflow run creation) is the "outside the loop" column.
 
-    python benchmarks/sweep_overhead.py [--trials 4] [--steps 100 300] [--rounds 3]
+    python -m benchmarks.sweep_overhead [--trials 4] [--steps 100 300] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from common import RESULTS, processor, read_result
+from benchmarks.common import RESULTS, processor, read_result
 
 RUN = {"report_every": 25, "sample_every": 10 ** 6, "grid_size": 16, "grid_sample_steps": 5, "eval_samples": 32,
        "eval_sample_steps": 5, "final_eval_samples": 64, "final_eval_sample_steps": 5, "eval_every": 0}
@@ -74,8 +74,8 @@ def bare_trial(cfg, source: Path, encoder: Path, seed: int) -> float:
 
 
 def sweep_trials(cfg, trials: int, concurrent: int, name: str) -> dict:
-    from orchestrator import tracking
-    from orchestrator.sweep import SweepSettings, run_sweep
+    from orchestrator.records import tracking
+    from orchestrator.search.sweep import SweepSettings, run_sweep
 
     settings = SweepSettings(num_samples=trials, max_concurrent=concurrent, metrics=["loss"], modes=["min"],
                              scheduler="fifo")
@@ -118,9 +118,9 @@ def main() -> None:
         work = Path(tmp)
         os.environ["ORCHESTRATE_CACHE"] = str(work / "cache")
         os.chdir(work)
-        from orchestrator.config import resolve
-        from orchestrator.raycluster import init_ray, shutdown
-        from orchestrator.sources import domain_encoder_for
+        from orchestrator.core.config import resolve
+        from orchestrator.runtime.raycluster import init_ray, shutdown
+        from orchestrator.runs.sources import domain_encoder_for
         from trainers.diffusion.backbone import build_unet, default_scheduler, save_source
 
         torch.manual_seed(0)

@@ -17,9 +17,9 @@ CPU by default; on a GPU the ``--preset``/``--resolution`` flags size it up. Wri
 On a shared machine, ``--clock cpu --threads 1`` times the same steps in this process's CPU
 seconds, which other processes do not disturb (``throughput_cpu_cpuclock.md``).
 
-    python benchmarks/throughput.py                      # every method, CPU, tiny
-    python benchmarks/throughput.py --methods ddpm_pa dcl --repeats 5
-    python benchmarks/throughput.py --clock cpu --threads 1
+    python -m benchmarks.throughput                      # every method, CPU, tiny
+    python -m benchmarks.throughput --methods ddpm_pa dcl --repeats 5
+    python -m benchmarks.throughput --clock cpu --threads 1
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, processor, read_result
-from orchestrator.artifacts import publish, publish_array
-from orchestrator.config import RunSettings
-from orchestrator.job import Job
-from orchestrator.loop import build_method, run_loop
-from orchestrator.session import StoreSession
+from benchmarks.common import RESULTS, processor, read_result
+from orchestrator.data.artifacts import publish, publish_array
+from orchestrator.core.config import RunSettings
+from orchestrator.runtime.job import Job
+from orchestrator.runtime.loop import build_method, run_loop
+from orchestrator.runtime.session import StoreSession
 from trainers.common import random_batch
 from trainers.registry import METHODS
 
@@ -78,13 +78,13 @@ def make_job(method: str, sources, storage: str, images, steps: int, device: tor
 
 
 def bare(job: Job, device: torch.device, warmup: int, steps: int) -> float:
-    from orchestrator.loop import images_tensor
+    from orchestrator.runtime.loop import images_tensor
 
     method, perf = build_method(job, device, 0)
     images = images_tensor(job.data).to(device)
     gen = torch.Generator(device=device).manual_seed(7)
     bs = method.config.batch_size
-    from orchestrator.artifacts import fetch
+    from orchestrator.data.artifacts import fetch
     from trainers.base import PrepareContext
 
     method.prepare(images, PrepareContext(domain_encoder=fetch(job.domain_encoder)))
@@ -122,7 +122,7 @@ def _loop_clock():
         return
     import types
 
-    import orchestrator.loop as loop_module
+    import orchestrator.runtime.loop as loop_module
 
     shim = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
     shim.perf_counter = CLOCK["now"]

@@ -23,13 +23,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from orchestrator.config import ConfigError, InputError, TaskConfig
-from orchestrator.lifelong import run_lifelong as lifelong
-from orchestrator.models import ResolvedModel, find_run, publish_model, resolve_model
-from orchestrator.sampling import Destination, SampleJob, SampleResult, check_destination, run_sampling
-from orchestrator.sources import pretrain_source
-from orchestrator.sweep import run_sweep as sweep
-from orchestrator.train import train as adapt
+from orchestrator.core.config import ConfigError, InputError, TaskConfig
+from orchestrator.runs.lifelong import run_lifelong as lifelong
+from orchestrator.runs.models import ResolvedModel, find_run, publish_model, resolve_model
+from orchestrator.runtime.sampling import Destination, SampleJob, SampleResult, check_destination, run_sampling
+from orchestrator.runs.sources import pretrain_source
+from orchestrator.search.sweep import run_sweep as sweep
+from orchestrator.runs.train import train as adapt
 from trainers.generate import SampleOptions
 
 __all__ = ["pretrain_source", "adapt", "sweep", "lifelong", "sample", "plan_sample", "run_sample",
@@ -59,7 +59,7 @@ class SamplePlan:
 def _worker_shape(workers: int, cpus_per_worker: float | None, gpus_per_worker: float,
                   address: str | None) -> tuple[float, float]:
     """(CPUs, GPUs) per sampling actor, checked against this machine when Ray is local."""
-    from orchestrator.raycluster import check_resources, default_cpus_per_worker, local_shape
+    from orchestrator.runtime.raycluster import check_resources, default_cpus_per_worker, local_shape
 
     if workers < 1:
         raise InputError(f"--workers {workers}: expected >= 1")
@@ -79,8 +79,8 @@ def plan_sample(model: str, n: int, out: str, *, options: SampleOptions | dict[s
                 tracking_uri: str | None = None, storage: str | None = None,
                 address: str | None = None) -> SamplePlan:
     """Everything about a sampling job that can be checked without Ray (see ``sample``)."""
-    from orchestrator.sampling import plan
-    from orchestrator.storage import storage_uri
+    from orchestrator.runtime.sampling import plan
+    from orchestrator.data.storage import storage_uri
     from trainers.generate import open_model
 
     if n < 1:
@@ -118,7 +118,7 @@ def _options(options: SampleOptions | dict[str, Any] | None) -> SampleOptions:
 
 def run_sample(p: SamplePlan, progress: Progress | None = None) -> SampleResult:
     """Draw the plan's missing shards (Ray is up when ``p.needs_ray``)."""
-    from orchestrator.raycluster import check_resources, cluster_shapes
+    from orchestrator.runtime.raycluster import check_resources, cluster_shapes
 
     todo = _todo(p)
     if not todo:
@@ -140,13 +140,13 @@ def run_sample(p: SamplePlan, progress: Progress | None = None) -> SampleResult:
 
 
 def _todo(p: SamplePlan) -> list[tuple[int, int]]:
-    from orchestrator.sampling import plan
+    from orchestrator.runtime.sampling import plan
 
     return plan(p.job, p.dest)[1]
 
 
 def _with_ray(address: str | None, fn: Callable[[], Any]) -> Any:
-    from orchestrator.raycluster import init_ray, shutdown
+    from orchestrator.runtime.raycluster import init_ray, shutdown
 
     started = init_ray(address)
     try:
@@ -220,11 +220,11 @@ def plan_evaluate(target: str, task: str | TaskConfig, *, n: int | None = None,
                   tracking_uri: str | None = None, storage: str | None = None,
                   address: str | None = None) -> EvaluatePlan:
     """Everything about an evaluation that can be checked without Ray (see ``evaluate``)."""
-    from orchestrator import tracking
-    from orchestrator.config import RunSettings, load_task
-    from orchestrator.evaluation import EXTERNAL_EXPERIMENT, evaluation_name
-    from orchestrator.inputs import check_data, check_metric_names
-    from orchestrator.preflight import check_all
+    from orchestrator.records import tracking
+    from orchestrator.core.config import RunSettings, load_task
+    from orchestrator.runs.evaluation import EXTERNAL_EXPERIMENT, evaluation_name
+    from orchestrator.runs.inputs import check_data, check_metric_names
+    from orchestrator.runtime.preflight import check_all
 
     uri, store = check_all(tracking_uri, storage)
     images = target if _is_images(target) else None
@@ -272,10 +272,11 @@ def run_evaluate(p: EvaluatePlan, progress: Progress | None = None) -> Evaluatio
     """Sample (a model) or read (images), score, record (Ray is up for a model)."""
     import numpy as np
 
-    from orchestrator import interrupts, tracking
-    from orchestrator.evaluation import TAG_EVALUATED_RUN, TAG_MODEL, Scorer
-    from orchestrator.runrecord import recorded_run
-    from orchestrator.sampling import load_images as load_samples
+    from orchestrator.core import interrupts
+    from orchestrator.records import tracking
+    from orchestrator.runs.evaluation import TAG_EVALUATED_RUN, TAG_MODEL, Scorer
+    from orchestrator.runtime.runrecord import recorded_run
+    from orchestrator.runtime.sampling import load_images as load_samples
 
     uri = p.tracking_uri
     exp_id = tracking.get_or_create_experiment(uri, p.experiment)
@@ -310,7 +311,7 @@ def run_evaluate(p: EvaluatePlan, progress: Progress | None = None) -> Evaluatio
             res = run_sample(p.sample, progress)
             samples = load_samples(res.dest)
         else:
-            from orchestrator.storage import data_cache_dir
+            from orchestrator.data.storage import data_cache_dir
             from trainers.data import load_images
 
             samples = load_images(p.images, p.task.resolution, count=p.n, seed=p.seed, cache_dir=data_cache_dir())
@@ -344,10 +345,10 @@ def register(run: str, name: str, *, tracking_uri: str | None = None) -> str:
     """Register the exported model of ``run`` (a run name or MLflow run id) as a new version of the
     registered model ``name`` in MLflow's Model Registry; returns ``models:/NAME/VERSION``, which
     ``sample``, ``evaluate``, ``mlflow.pyfunc.load_model`` and a task's ``source`` accept."""
-    from orchestrator import tracking
-    from orchestrator.mlflow_model import MLMODEL
-    from orchestrator.mlflow_model import register as register_version
-    from orchestrator.names import check_name
+    from orchestrator.records import tracking
+    from orchestrator.records.mlflow_model import MLMODEL
+    from orchestrator.records.mlflow_model import register as register_version
+    from orchestrator.core.names import check_name
 
     check_name(name, "--register")
     uri = tracking.resolve_tracking_uri(tracking_uri)

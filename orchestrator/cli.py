@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.config import DEFAULT_TASK, ConfigError, TaskConfig
+from orchestrator.core.config import DEFAULT_TASK, ConfigError, TaskConfig
 
 # The objective of a sequence sweep and of `best --sequence` unless told otherwise: the average,
 # over the sequence's tasks, of each task's FID (domain encoder) after the last task is learned.
@@ -44,7 +44,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show full traceback
 
     _DEBUG["on"] = debug or bool(os.environ.get("ORCHESTRATE_DEBUG"))
     if _DEBUG["on"]:
-        os.environ["ORCHESTRATE_DEBUG"] = "1"  # Ray forwards the workers' output (orchestrator.raycluster)
+        os.environ["ORCHESTRATE_DEBUG"] = "1"  # Ray forwards the workers' output (orchestrator.runtime.raycluster)
 
 
 # "<_io.BytesIO object at 0x7f...>": a library's repr of its own object, which names nothing the user has;
@@ -58,7 +58,7 @@ def fail(message: str, code: int = 2) -> None:
     with no object reprs and no rich markup read into it; then exit ``code``."""
     from rich.markup import escape
 
-    from orchestrator.redact import redact_text
+    from orchestrator.core.redact import redact_text
 
     text = _ANSI.sub("", _OBJECT_REPR.sub("", redact_text(message)))
     err.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
@@ -73,7 +73,7 @@ def _same_command() -> str:
 
 
 def _print_result(res, what: str) -> None:
-    from orchestrator.tracking import ui_hint
+    from orchestrator.records.tracking import ui_hint
 
     table = Table(show_header=False, box=None)
     table.add_row("run", res.name)
@@ -97,8 +97,8 @@ def command_session(address: str | None, body, preflight=None):
     """Run ``preflight()`` (no Ray yet), then start/connect Ray and run ``body(preflight's
     result)``; turn the errors users cause into one line and an exit code, Ctrl-C into KILLED +
     exit 130, and always shut down the Ray instance this command started."""
-    from orchestrator import interrupts
-    from orchestrator.raycluster import init_ray, shutdown
+    from orchestrator.core import interrupts
+    from orchestrator.runtime.raycluster import init_ray, shutdown
 
     started = False
     previous = interrupts.install()
@@ -148,8 +148,8 @@ def train(
                                                 "(a new version: models:/NAME/VERSION)"),
 ) -> None:
     """Adapt a source generator to a few-shot task with METHOD (one Ray Train run)."""
-    from orchestrator.config import parse_overrides, resolve, run_flags
-    from orchestrator.names import check_name
+    from orchestrator.core.config import parse_overrides, resolve, run_flags
+    from orchestrator.core.names import check_name
 
     try:
         if name is not None:
@@ -166,8 +166,8 @@ def train(
     except ConfigError as exc:
         fail(str(exc))
     # imported once the command line and the task are known good: a typo answers before torch loads
-    from orchestrator.train import preflight
-    from orchestrator.train import train as run_train
+    from orchestrator.runs.train import preflight
+    from orchestrator.runs.train import train as run_train
 
     res = command_session(address, lambda checked: run_train(checked[0], name=name, tracking_uri=checked[1],
                                                              storage=checked[2], restart=restart),
@@ -232,11 +232,11 @@ def sweep(
     MLflow child run of the sweep. With --tasks SEQUENCE every trial learns a whole lifelong
     sequence and is ranked by the sequence's summary. The Optuna study is kept (optuna-dashboard
     opens it), and the sweep's report (orchestrate report) is logged on its MLflow run."""
-    from orchestrator.config import parse_overrides, resolve, run_flags
-    from orchestrator.lifelong import load_sequence, task_configs
-    from orchestrator.names import check_name
-    from orchestrator.space import build_space
-    from orchestrator.sweep import SweepSettings, check_sweep, default_objective, run_sweep
+    from orchestrator.core.config import parse_overrides, resolve, run_flags
+    from orchestrator.runs.lifelong import load_sequence, task_configs
+    from orchestrator.core.names import check_name
+    from orchestrator.search.space import build_space
+    from orchestrator.search.sweep import SweepSettings, check_sweep, default_objective, run_sweep
 
     sequence = None
     task_cfg = None
@@ -245,7 +245,7 @@ def sweep(
             if value is not None:
                 check_name(value, flag)
         if study_storage is not None:
-            from orchestrator.study import check_study_url
+            from orchestrator.search.study import check_study_url
 
             check_study_url(study_storage)
         if more is not None and more < 1:
@@ -281,10 +281,10 @@ def sweep(
     sweep_name: dict[str, str] = {}
 
     def checks():
-        from orchestrator.inputs import check_data, check_metric_networks
-        from orchestrator.preflight import check_all
-        from orchestrator.raycluster import check_resources, local_shape
-        from orchestrator.train import early_source_check
+        from orchestrator.runs.inputs import check_data, check_metric_networks
+        from orchestrator.runtime.preflight import check_all
+        from orchestrator.runtime.raycluster import check_resources, local_shape
+        from orchestrator.runs.train import early_source_check
 
         import os
 
@@ -305,7 +305,7 @@ def sweep(
         return checked
 
     def body(checked_base):
-        from orchestrator.raycluster import check_resources, cluster_shapes
+        from orchestrator.runtime.raycluster import check_resources, cluster_shapes
 
         if not resume:
             check_resources(base.run.num_workers, settings.cpus, settings.gpus_per_trial, cluster_shapes(),
@@ -320,7 +320,7 @@ def sweep(
 
 
 def _print_sweep(res, settings, method: str) -> None:
-    from orchestrator.tracking import ui_hint
+    from orchestrator.records.tracking import ui_hint
 
     table = Table("trial", "status", res.progress, *settings.metrics, "config")
     for t in res.trials:
@@ -364,16 +364,16 @@ def best(
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
 ) -> None:
     """The best configs of METHOD recorded in MLflow (train runs and sweep trials)."""
-    from orchestrator.best import best_runs, export_config
-    from orchestrator.sweep import DEFAULT_METRIC
-    from orchestrator.tracking import resolve_tracking_uri
+    from orchestrator.search.best import best_runs, export_config
+    from orchestrator.search.sweep import DEFAULT_METRIC
+    from orchestrator.records.tracking import resolve_tracking_uri
 
     default = SEQUENCE_METRIC if sequence else DEFAULT_METRIC
     metric = metric or default[0]
     mode = mode or default[1]
     try:
-        from orchestrator.names import DERIVED_MAX, check_name
-        from orchestrator.preflight import check_tracking_readable
+        from orchestrator.core.names import DERIVED_MAX, check_name
+        from orchestrator.runtime.preflight import check_tracking_readable
 
         if sequence and (task or export or register):
             raise ConfigError("--sequence ranks whole sequences: --task, --export and --register apply to "
@@ -391,7 +391,7 @@ def best(
     if not runs:
         fail(f"no FINISHED {method} run has the metric {metric!r}"
              + (f" for task {task!r}" if task else ""), code=1)
-    from orchestrator.tracking import TAG_TASK
+    from orchestrator.records.tracking import TAG_TASK
 
     varying = sorted({k for r in runs for k in r.data.params if k.startswith(("method_config.", "run.steps"))
                       and len({x.data.params.get(k) for x in runs}) > 1})
@@ -428,9 +428,9 @@ def report(
 ) -> None:
     """What a sweep taught: history, parameter importances (fANOVA), parallel coordinates, the
     Pareto front and the best trials' grids, as one HTML page (also logged on the sweep's run)."""
-    from orchestrator.names import DERIVED_MAX, check_name
-    from orchestrator.preflight import check_tracking_readable
-    from orchestrator.report import ReportError, report_sweep
+    from orchestrator.core.names import DERIVED_MAX, check_name
+    from orchestrator.runtime.preflight import check_tracking_readable
+    from orchestrator.search.report import ReportError, report_sweep
 
     try:
         check_name(sweep, "SWEEP", DERIVED_MAX)  # the name goes into an MLflow filter string
@@ -482,8 +482,8 @@ def pretrain_encoder(
     SimCLR on the source domain's images (and `encoder_data`); the `*_domain` metrics use it."""
     import shutil
 
-    from orchestrator.config import load_task
-    from orchestrator.sources import domain_encoder_for
+    from orchestrator.core.config import load_task
+    from orchestrator.runs.sources import domain_encoder_for
 
     try:
         t = load_task(task)
@@ -512,8 +512,8 @@ def pretrain(
     address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
 ) -> None:
     """Pretrain (once, cached) the source model that a task's `source.pretrain` block describes."""
-    from orchestrator.config import load_task
-    from orchestrator.sources import cached_source_path, is_ready, pretrain_source
+    from orchestrator.core.config import load_task
+    from orchestrator.runs.sources import cached_source_path, is_ready, pretrain_source
 
     if family not in ("ddpm", "stylegan2"):
         fail(f"unknown generator family {family!r}; expected ddpm or stylegan2")
@@ -534,9 +534,9 @@ def pretrain(
     def checks():
         import os
 
-        from orchestrator.preflight import check_all
-        from orchestrator.raycluster import check_resources, local_shape
-        from orchestrator.storage import data_cache_dir
+        from orchestrator.runtime.preflight import check_all
+        from orchestrator.runtime.raycluster import check_resources, local_shape
+        from orchestrator.data.storage import data_cache_dir
         from trainers.data import load_images
 
         uri, store = check_all(tracking_uri, storage)
@@ -563,7 +563,7 @@ def _copy_export(folder: Path, export: Optional[Path], task: TaskConfig, task_fi
         return
     import shutil
 
-    from orchestrator.sources import write_recipe
+    from orchestrator.runs.sources import write_recipe
     from trainers.gan.source import CHECKPOINT_NAME, load_gan_source, save_gan_source
 
     if export.exists():
@@ -589,9 +589,9 @@ def lifelong(
 ) -> None:
     """Learn a stream of few-shot tasks in order; after each, evaluate every earlier task and
     report the matrices R[k, j], forgetting, backward transfer and the parameter cost per task."""
-    from orchestrator.config import parse_overrides
-    from orchestrator.lifelong import load_sequence, run_lifelong, task_configs
-    from orchestrator.names import check_name
+    from orchestrator.core.config import parse_overrides
+    from orchestrator.runs.lifelong import load_sequence, run_lifelong, task_configs
+    from orchestrator.core.names import check_name
 
     try:
         if name is not None:
@@ -605,12 +605,12 @@ def lifelong(
     def checks():
         import os
 
-        from orchestrator.inputs import check_data, check_metric_networks
-        from orchestrator.preflight import check_all
-        from orchestrator.raycluster import check_resources, local_shape
-        from orchestrator import lease
-        from orchestrator.lifelong import check_names, experiment_name
-        from orchestrator.train import early_source_check, run_resources
+        from orchestrator.runs.inputs import check_data, check_metric_networks
+        from orchestrator.runtime.preflight import check_all
+        from orchestrator.runtime.raycluster import check_resources, local_shape
+        from orchestrator.records import lease
+        from orchestrator.runs.lifelong import check_names, experiment_name
+        from orchestrator.runs.train import early_source_check, run_resources
 
         uri, store = check_all(tracking_uri, storage)
         # the run's and every task run's name and folder, and the sequence's lease: before Ray starts
@@ -636,7 +636,7 @@ def lifelong(
 def _print_lifelong(res) -> None:
     import math
 
-    from orchestrator.tracking import ui_hint
+    from orchestrator.records.tracking import ui_hint
 
     for metric, M in res.matrices.items():
         if metric.startswith("kid_std"):  # in MLflow, not worth a table here
@@ -671,19 +671,19 @@ def check_task(task: str = typer.Argument(..., help=TASK_HELP)) -> None:
     """Validate a task file and print it with every default filled in."""
     import yaml
 
-    from orchestrator.config import load_task
+    from orchestrator.core.config import load_task
 
     try:
         t = load_task(task)
     except ConfigError as exc:
         fail(str(exc))
-    from orchestrator.redact import redact
+    from orchestrator.core.redact import redact
 
     console.print(yaml.safe_dump(redact(t.model_dump(mode="json")), sort_keys=False), highlight=False)
 
 
 # The demo runs the defaults as they are (the method, its 1,000 steps, the evaluation protocol):
-# the periodic evaluations are light and sized to the run (RunSettings, orchestrator.job.
+# the periodic evaluations are light and sized to the run (RunSettings, orchestrator.runtime.job.
 # eval_schedule), so on 2 CPU cores the demo reaches the target within its 5 minutes. Earlier
 # versions needed a lighter protocol here.
 DEMO_RUN: dict[str, object] = {}
@@ -696,9 +696,9 @@ def demo(
 ) -> None:
     """The embedded default end to end: adapt the shipped synthetic source DDPM to ten shots of the
     synthetic `sketch` domain, and say where the results are."""
-    from orchestrator.config import resolve
-    from orchestrator.train import preflight
-    from orchestrator.train import train as run_train
+    from orchestrator.core.config import resolve
+    from orchestrator.runs.train import preflight
+    from orchestrator.runs.train import train as run_train
 
     t0 = time.time()
     cfg = resolve("ddpm_finetune", task_file=DEFAULT_TASK, overrides=DEMO_RUN)
@@ -723,9 +723,9 @@ def runs(
 ) -> None:
     """List recorded runs, newest first. A RUNNING run whose owner stopped sending heartbeats (a
     killed CLI, a lost node) is shown as RUNNING (stale): the next invocation takes it over."""
-    from orchestrator import lease, tracking
-    from orchestrator.names import did_you_mean
-    from orchestrator.preflight import check_tracking_readable
+    from orchestrator.records import lease, tracking
+    from orchestrator.core.names import did_you_mean
+    from orchestrator.runtime.preflight import check_tracking_readable
 
     try:
         uri = check_tracking_readable(tracking_uri)  # an unreachable server fails in seconds, not minutes
@@ -871,7 +871,7 @@ def evaluate(
     intra-cluster diversity, density/coverage, target rate) against TASK's reference set;
     recorded as an MLflow run of kind `evaluation`."""
     from orchestrator import api
-    from orchestrator.tracking import ui_hint
+    from orchestrator.records.tracking import ui_hint
 
     bar = _ImagesProgress(f"sampling {target}")
 
@@ -915,8 +915,8 @@ def submit(
     """Run an orchestrate command on a Ray cluster as a Ray Job (this checkout uploaded as its
     working_dir); follow its logs until it ends and exit with its exit code. The job does not need
     this machine: Ctrl-C stops following, not the job (`ray job stop ID` stops it, recorded KILLED)."""
-    from orchestrator.submit import SubmitError
-    from orchestrator.submit import submit as submit_job
+    from orchestrator.runtime.submit import SubmitError
+    from orchestrator.runtime.submit import submit as submit_job
 
     try:
         code = submit_job(command, commands=typer.main.get_command(app), address=address, wait=not no_wait, env=env,
@@ -929,7 +929,7 @@ def submit(
 def _guard(fn):
     """Turn the errors users cause (bad input, refused requests) into one line and exit code 2;
     a failure while training into one line and exit code 1 (the traceback with --debug)."""
-    from orchestrator.lease import RunBusyError
+    from orchestrator.records.lease import RunBusyError
     from trainers.common import SourceModelError
     from trainers.data import DataError
     from trainers.metrics import MissingWeightsError
@@ -951,7 +951,7 @@ def _guard(fn):
             fail(str(cause), code=2)
         if isinstance(cause, KeyboardInterrupt):
             raise KeyboardInterrupt from exc
-        from orchestrator import interrupts
+        from orchestrator.core import interrupts
 
         if interrupts.requested():
             raise KeyboardInterrupt from exc

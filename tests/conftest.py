@@ -118,7 +118,7 @@ def ray_local():
     GCS address so that subprocesses can join it. Shut down at the end of the session."""
     import ray
 
-    import orchestrator.launch  # noqa: F401  (sets Ray env defaults before the raylet starts)
+    import orchestrator.runtime.launch  # noqa: F401  (sets Ray env defaults before the raylet starts)
 
     ray.init(num_cpus=2, logging_level="WARNING")
     try:
@@ -133,7 +133,7 @@ def _random_source(task) -> None:
     would leave the trained one. The tests that pretrain are marked ``cold_cache``."""
     import torch
 
-    from orchestrator.sources import cached_source_path
+    from orchestrator.runs.sources import cached_source_path
 
     spec, folder = task.source.pretrain, cached_source_path(task)
     torch.manual_seed(spec.seed)
@@ -151,10 +151,10 @@ def _random_source(task) -> None:
 
 def _random_encoder(task) -> None:
     """The task's domain encoder, untrained (the architecture that SimCLR would train), where
-    ``orchestrator.sources.domain_encoder_for`` looks for it."""
+    ``orchestrator.runs.sources.domain_encoder_for`` looks for it."""
     import numpy as np
 
-    from orchestrator.sources import encoder_path
+    from orchestrator.runs.sources import encoder_path
     from trainers.metrics import train_domain_encoder
 
     noise = np.random.default_rng(0).integers(0, 256, (2, task.resolution, task.resolution, 3), dtype=np.uint8)
@@ -168,7 +168,7 @@ def tiny_sources(tmp_path_factory):
     files describe, made once per session in memory with random weights (no pretraining: the fast
     lane stays fast, and no test needs a source that learned its domain), so that a test
     pretrains only when it tests pretraining (``@pytest.mark.cold_cache``)."""
-    from orchestrator.config import TaskConfig
+    from orchestrator.core.config import TaskConfig
     from tests.tiny import GAN_SOURCE, TINY_TASK
 
     root = tmp_path_factory.mktemp("tiny-sources")

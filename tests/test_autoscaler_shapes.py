@@ -19,7 +19,7 @@ import sys
 import pytest
 import yaml
 
-from orchestrator.raycluster import NodeShape, ResourceError, check_resources
+from orchestrator.runtime.raycluster import NodeShape, ResourceError, check_resources
 from tests.harness import can_isolate
 from tests.raynode import IsolatedHead
 
@@ -58,7 +58,7 @@ FAKE_CONFIG = {
 DRIVER = """
 import json, sys
 import ray
-from orchestrator.raycluster import ResourceError, autoscaler_node_types, check_resources, cluster_shapes, init_ray
+from orchestrator.runtime.raycluster import ResourceError, autoscaler_node_types, check_resources, cluster_shapes, init_ray
 init_ray(sys.argv[1])
 out = {"gpu_nodes": sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU"))}
 types, source = autoscaler_node_types()

@@ -1,7 +1,7 @@
 """Which steps checkpoint: one schedule, decided by the driver and carried in the job."""
 
-from orchestrator.config import RunSettings
-from orchestrator.job import checkpoint_schedule
+from orchestrator.core.config import RunSettings
+from orchestrator.runtime.job import checkpoint_schedule
 
 
 def test_checkpoint_every_is_honoured():
@@ -22,7 +22,7 @@ def test_without_either_every_report_checkpoints():
 
 
 def test_a_run_evaluates_at_points_that_grow_with_its_budget():
-    from orchestrator.job import eval_schedule
+    from orchestrator.runtime.job import eval_schedule
 
     assert eval_schedule(RunSettings(steps=300, report_every=50)) == [150]  # its middle
     assert eval_schedule(RunSettings(steps=1000, report_every=50)) == [350, 700]  # its thirds
@@ -36,8 +36,8 @@ def test_a_run_evaluates_at_points_that_grow_with_its_budget():
 
 
 def test_the_job_evaluates_on_its_schedule_and_always_at_the_end():
-    from orchestrator.artifacts import ArtifactRef
-    from orchestrator.job import Job
+    from orchestrator.data.artifacts import ArtifactRef
+    from orchestrator.runtime.job import Job
 
     data = ArtifactRef(uri="runs/artifacts/x", digest="0" * 64, name="images.npy", is_file=True)
     job = Job(kind="adapt", name="j", method="ddpm_finetune", family="ddpm", resolution=16, method_config={},

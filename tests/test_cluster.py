@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from orchestrator import tracking
+from orchestrator.records import tracking
 from tests.harness import BIN, Cluster, can_isolate
 from tests.tiny import GAN_SOURCE, TINY_RUN
 

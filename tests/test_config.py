@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config import ConfigError, apply_overrides, load_task, parse_overrides, resolve
+from orchestrator.core.config import ConfigError, apply_overrides, load_task, parse_overrides, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,7 +132,7 @@ def test_run_settings_validate_metrics_and_eval_cadence():
 
 
 def test_shipped_sketch_task_is_the_builtin_default():
-    from orchestrator.config import builtin_task
+    from orchestrator.core.config import builtin_task
 
     assert load_task(REPO / "tasks" / "synthetic-sketch.yaml") == builtin_task("sketch")
 
@@ -140,8 +140,8 @@ def test_shipped_sketch_task_is_the_builtin_default():
 def test_source_cache_key_follows_the_generators_training_only():
     """The pretrained source's cache key changes with what trains the generator, not with the domain
     encoder's settings, and not when an optional field is spelled out at its unset value."""
-    from orchestrator.config import TaskConfig
-    from orchestrator.sources import pretrain_key
+    from orchestrator.core.config import TaskConfig
+    from orchestrator.runs.sources import pretrain_key
 
     def key(**pretrain):
         return pretrain_key(TaskConfig.model_validate({"name": "k", "resolution": 32, "target": {"data": "synthetic:sketch"},

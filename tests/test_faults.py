@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from orchestrator import tracking
+from orchestrator.records import tracking
 from tests.tiny import TINY_RUN, experiment_runs, write_tiny_task
 
 URI = ["--tracking-uri", "sqlite:///mlflow.db", "--storage", "runs"]
@@ -60,7 +60,7 @@ def test_more_workers_than_cores_is_refused_before_ray(workspace):
 
 
 def test_fractional_gpus_with_several_workers_are_refused():
-    from orchestrator.raycluster import NodeShape, ResourceError, check_resources
+    from orchestrator.runtime.raycluster import NodeShape, ResourceError, check_resources
 
     with pytest.raises(ResourceError, match="NCCL"):
         check_resources(2, 1.0, 0.5, [NodeShape("node", 8, 4, 1)])
@@ -129,8 +129,8 @@ def test_resolution_mismatch_is_refused_and_resize_is_explicit(workspace):
     res = run_cli(workspace, "train", "ddpm_finetune", "--task", str(task), *URI, *sets())
     one_line_error(res, "32px", "16px", "resize_to_source")
 
-    from orchestrator.config import resolve
-    from orchestrator.train import early_source_check
+    from orchestrator.core.config import resolve
+    from orchestrator.runs.train import early_source_check
 
     cfg = resolve("ddpm_finetune", task, overrides={"task.source.resize_to_source": True})
     assert early_source_check(cfg).task.resolution == 32
@@ -253,7 +253,7 @@ def test_a_sigkilled_cli_leaves_no_ray_process_of_its_own(workspace):
     try:
         _wait_running(workspace, "ddpm_finetune", "orphan", proc)
         ray_procs = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                     if "orchestrator.raycluster" not in " ".join(p.cmdline())]
+                     if "orchestrator.runtime.raycluster" not in " ".join(p.cmdline())]
         assert any("raylet" in " ".join(p.cmdline()) for p in ray_procs)
         proc.kill()  # the CLI alone, as `kill -9 PID` does
         proc.wait()

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator.forgetting import empty_matrix, summarize
+from orchestrator.metrics.forgetting import empty_matrix, summarize
 
 
 def test_lower_is_better_metric_by_hand():
@@ -45,7 +45,7 @@ def test_single_task_and_shape_errors():
 
 
 def test_prefix_summary_is_the_summary_of_the_learned_tasks():
-    from orchestrator.lifelong import prefix_summary
+    from orchestrator.runs.lifelong import prefix_summary
 
     R = {"fid_domain": np.array([[10.0, math.nan, math.nan],
                                  [14.0, 20.0, math.nan],

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from orchestrator import tracking
-from orchestrator.config import load_task
-from orchestrator.sources import pretrain_key
+from orchestrator.records import tracking
+from orchestrator.core.config import load_task
+from orchestrator.runs.sources import pretrain_key
 from tests.tiny import GAN_SOURCE, cli, experiment_runs, write_tiny_task
 
 pytestmark = pytest.mark.slow

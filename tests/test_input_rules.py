@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import typer
 
-from orchestrator.config import ConfigError, InputError, RunSettings, load_task, resolve
-from orchestrator.names import DERIVED_MAX, NAME_MAX, RESERVED, check_name, problem
-from orchestrator.storage import run_dir
+from orchestrator.core.config import ConfigError, InputError, RunSettings, load_task, resolve
+from orchestrator.core.names import DERIVED_MAX, NAME_MAX, RESERVED, check_name, problem
+from orchestrator.data.storage import run_dir
 from tests.tiny import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,14 +32,14 @@ LONG = "a" * 300
 def here(tmp_path, monkeypatch):
     """An empty working directory, no tracking/storage/Ray environment, and Ray's start replaced
     by a tripwire: a command that reaches it fails the test."""
-    import orchestrator.raycluster
+    import orchestrator.runtime.raycluster
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started")
 
     for var in ("MLFLOW_TRACKING_URI", "ORCHESTRATE_STORAGE", "RAY_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(orchestrator.raycluster, "init_ray", no_ray)
+    monkeypatch.setattr(orchestrator.runtime.raycluster, "init_ray", no_ray)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -98,7 +98,7 @@ def test_a_task_file_name_follows_the_same_rule(tmp_path):
 
 
 def test_a_sequence_and_its_task_names_follow_the_same_rule(tmp_path):
-    from orchestrator.lifelong import load_sequence
+    from orchestrator.runs.lifelong import load_sequence
 
     for seq in ({"name": "a/../b", "tasks": [{"name": "t", "target": {"data": "synthetic:sketch"}}]},
                 {"name": "s", "tasks": [{"name": LONG, "target": {"data": "synthetic:sketch"}}]}):
@@ -214,7 +214,7 @@ def test_study_flags_are_refused_before_ray(here, args, needle):
 
 def _live_run(uri: str, experiment: str, name: str, kind: str) -> str:
     """An MLflow run ``name`` whose lease a live invocation (this process) holds."""
-    from orchestrator import lease, tracking
+    from orchestrator.records import lease, tracking
 
     exp = tracking.get_or_create_experiment(uri, experiment)
     run_id = tracking.start_run(uri, exp, name, tags={tracking.TAG_KIND: kind})
@@ -225,7 +225,7 @@ def _live_run(uri: str, experiment: str, name: str, kind: str) -> str:
 
 
 def test_a_sweep_held_by_a_live_invocation_is_refused_before_ray(here):
-    from orchestrator import tracking
+    from orchestrator.records import tracking
 
     uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
     _live_run(uri, "ddpm_pa", "busy-sweep", "sweep")
@@ -236,7 +236,7 @@ def test_a_sweep_held_by_a_live_invocation_is_refused_before_ray(here):
 
 
 def test_a_run_held_by_a_live_invocation_is_refused_before_ray(here):
-    from orchestrator import tracking
+    from orchestrator.records import tracking
 
     uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
     _live_run(uri, "ddpm_finetune", "busy-run", "train")
@@ -347,7 +347,7 @@ def test_every_interruption_gives_a_shell_quoted_resume_hint(here, monkeypatch, 
     resume: the command line again, shell-quoted."""
     import sys
 
-    from orchestrator import interrupts
+    from orchestrator.core import interrupts
     from orchestrator.cli import command_session
 
     monkeypatch.setattr(sys, "argv", ["orchestrate", "train", "ddpm_finetune", "--task", "my tasks/t.yaml"])

@@ -375,7 +375,7 @@ def test_the_resource_check_sees_the_gpu_group_at_zero_pods():
     """On the head pod, ``cluster_shapes`` reads this RayCluster through the Kubernetes API and
     Ray's own conversion of it (what the KubeRay autoscaler runs): the GPU group counts while it
     has no pod, so ``--gpus-per-trial 1`` is accepted and 2 GPUs per trial refused."""
-    from orchestrator.raycluster import NodeShape, ResourceError, check_resources, kuberay_shapes
+    from orchestrator.runtime.raycluster import NodeShape, ResourceError, check_resources, kuberay_shapes
 
     rc = yaml.safe_load(yaml.safe_dump(one("RayCluster")))
     rc["metadata"]["namespace"] = "ml"  # the API server fills it in

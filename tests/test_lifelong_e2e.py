@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from orchestrator import tracking
-from orchestrator.artifacts import ArtifactRef, fetch
+from orchestrator.records import tracking
+from orchestrator.data.artifacts import ArtifactRef, fetch
 from tests.tiny import cli
 
 pytestmark = pytest.mark.slow

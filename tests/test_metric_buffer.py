@@ -4,7 +4,7 @@ which made its restart log those steps twice (seen when a cluster node was recla
 
 import pytest
 
-from orchestrator import tracking
+from orchestrator.records import tracking
 
 TAG = "orchestrate.logged_step"
 

@@ -1,4 +1,4 @@
-"""orchestrator.mlflow_model: an export is also an MLflow pyfunc model whose ``predict`` is
+"""orchestrator.records.mlflow_model: an export is also an MLflow pyfunc model whose ``predict`` is
 ``trainers.generate`` (the options reach it), and whose MLmodel is a function of the export."""
 
 import shutil
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.mlflow_model import MLMODEL, write_mlmodel
+from orchestrator.records.mlflow_model import MLMODEL, write_mlmodel
 from tests.models import export_method
 from trainers.generate import SampleOptions, open_model
 

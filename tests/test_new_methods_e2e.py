@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator import tracking
+from orchestrator.records import tracking
 from tests.tiny import TINY_TASK, cli, experiment_runs, write_tiny_task
 
 pytestmark = pytest.mark.slow

@@ -1,14 +1,9 @@
-"""The Pareto benchmark's reading of two sweeps (``benchmarks/pareto.py``): matched-quality levels,
+"""The Pareto benchmark's reading of two sweeps (``benchmarks.pareto``): matched-quality levels,
 the verdict, and the anchors' caveat, on hand-made trials whose answer is known."""
-
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("pareto", Path(__file__).resolve().parents[1] / "benchmarks" / "pareto.py")
-pareto = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pareto)
+from benchmarks import pareto
 
 
 def trial(tid: str, fid: float, div: float, status: str = "FINISHED") -> dict:

@@ -2,8 +2,8 @@
 
 from mlflow.entities import Metric
 
-from orchestrator import tracking
-from orchestrator.progress import ProgressPrinter
+from orchestrator.records import tracking
+from orchestrator.records.progress import ProgressPrinter
 
 TAG = "orchestrate.logged_step"
 

@@ -64,7 +64,7 @@ def test_help_a_typo_and_a_bad_task_file_answer_without_importing_torch(tmp_path
 
 def test_a_good_task_loads_the_method_when_it_is_resolved(tmp_path):
     body = f"""
-        from orchestrator.config import resolve
+        from orchestrator.core.config import resolve
         resolve("ddpm_finetune", task_file={str(REPO / 'tasks' / 'synthetic-sketch.yaml')!r})
     """
     assert _torch_loaded_after(body, tmp_path) == "True"

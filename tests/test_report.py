@@ -1,4 +1,4 @@
-"""The sweep report (orchestrator.report): importances find the parameter that decides the score,
+"""The sweep report (orchestrator.search.report): importances find the parameter that decides the score,
 only comparable (FINISHED) trials enter the study, and the page is self-contained."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from orchestrator.report import MIN_TRIALS, importances, study_of, write_report
-from orchestrator.space import optuna_distributions
+from orchestrator.search.report import MIN_TRIALS, importances, study_of, write_report
+from orchestrator.search.space import optuna_distributions
 
 SPACE = {"lr": {"loguniform": [1e-5, 1e-2]}, "weight": {"uniform": [0.0, 8.0]}, "t_max": {"int": [200, 1000, 100]},
          "kl": {"choice": ["forward", "reverse"]}, "steps": 300}

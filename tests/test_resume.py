@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.artifacts import fetch, publish
-from orchestrator.config import parse_overrides, resolve
-from orchestrator.inputs import make_job, prepare
-from orchestrator.loop import run_loop
-from orchestrator.session import StoreSession
-from orchestrator.sources import ResolvedSource
+from orchestrator.data.artifacts import fetch, publish
+from orchestrator.core.config import parse_overrides, resolve
+from orchestrator.runs.inputs import make_job, prepare
+from orchestrator.runtime.loop import run_loop
+from orchestrator.runtime.session import StoreSession
+from orchestrator.runs.sources import ResolvedSource
 from tests.tiny import TINY_RUN, write_tiny_task
 
 METHODS = ["ddpm_finetune", "ddpm_pa", "dual_output", "self_guided", "gan_finetune", "dcl", "lfs_gan"]
@@ -105,7 +105,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(sources, method):
 def test_the_loop_records_each_step_once_through_its_recorder_across_a_resume(sources):
     """The recorder seam: the loop records into whatever recorder it is given (here in memory) and,
     resumed, skips what that recorder already holds, as it does with an MLflow run's tag."""
-    from orchestrator.recorder import MemoryRecorder
+    from orchestrator.records.recorder import MemoryRecorder
 
     rec = MemoryRecorder()
     job = _job(sources, "ddpm_finetune", "recorded")
@@ -131,7 +131,7 @@ def test_the_training_loop_never_imports_mlflow():
     import subprocess
     import sys
 
-    code = "import sys, orchestrator.loop, orchestrator.recorder; print('mlflow' in sys.modules)"
+    code = "import sys, orchestrator.runtime.loop, orchestrator.records.recorder; print('mlflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -140,7 +140,7 @@ def test_checkpoints_load_on_the_cpu_and_rng_states_restore_with_their_own_apis(
     """A checkpoint written on one device restores on another: tensors are loaded with
     map_location='cpu' whatever the caller's device, and RNG states (which only CPU ByteTensors
     can set) go through torch's own setters."""
-    from orchestrator.rng import capture, load_state, restore
+    from orchestrator.core.rng import capture, load_state, restore
     from trainers.diffusion.backbone import build_unet, default_scheduler
     from trainers.diffusion.ddpm_finetune import DDPMFinetune, DDPMFinetuneConfig
     from trainers.diffusion.backbone import DiffusionSource
@@ -163,8 +163,8 @@ def test_checkpoints_load_on_the_cpu_and_rng_states_restore_with_their_own_apis(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: saves on CUDA, restores elsewhere")
 @pytest.mark.parametrize("method", ["ddpm_finetune", "gan_finetune", "lfs_gan"])
 def test_cuda_checkpoint_resumes(sources, method, tmp_path):
-    from orchestrator.rng import capture, load_state, restore
-    from orchestrator.loop import build_method
+    from orchestrator.core.rng import capture, load_state, restore
+    from orchestrator.runtime.loop import build_method
 
     job = _job(sources, method, f"{method}-cuda")
     m, _ = build_method(job, torch.device("cuda"), 0)
@@ -189,7 +189,7 @@ def test_cuda_checkpoint_resumes(sources, method, tmp_path):
 def test_checkpoint_missing_a_file_is_refused_by_name(sources):
     """A checkpoint without its RNG file (an older layout, or copied in part) stops the resume with
     an error naming the folder and the file, before anything is trained."""
-    from orchestrator.loop import CheckpointError
+    from orchestrator.runtime.loop import CheckpointError
 
     job = _job(sources, "ddpm_finetune", "ddpm_finetune-partial")
     _, s1 = _run(job, stop_after=15)  # checkpoint at 10
@@ -205,7 +205,7 @@ def test_cli_reports_a_worker_error_as_itself():
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     from orchestrator.cli import root_cause
-    from orchestrator.loop import CheckpointError
+    from orchestrator.runtime.loop import CheckpointError
 
     inner = CheckpointError("checkpoint /x: no rng_rank0.pt")
     try:

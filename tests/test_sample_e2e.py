@@ -127,8 +127,8 @@ def test_evaluate_scores_real_images_near_the_anchor_and_noise_far(tmp_path, mon
     """The built-in sketch task (32², the shipped encoder and classifier): its own reference
     images score like a fresh real draw of the domain; noise scores far from both."""
     from orchestrator import api
-    from orchestrator.config import load_task
-    from orchestrator.inputs import check_data
+    from orchestrator.core.config import load_task
+    from orchestrator.runs.inputs import check_data
     from trainers.data import render
 
     monkeypatch.setenv("ORCHESTRATE_CACHE", str(tmp_path / "cache"))
@@ -148,7 +148,7 @@ def test_evaluate_scores_real_images_near_the_anchor_and_noise_far(tmp_path, mon
     assert res["reference"].metrics["num_samples"] == 200
     again = api.evaluate(str(folders["noise"]), "synthetic:sketch", **kw)
     assert again.already_finished and again.run_id == res["noise"].run_id
-    from orchestrator import tracking
+    from orchestrator.records import tracking
 
     run = tracking.client(kw["tracking_uri"]).get_run(res["noise"].run_id)
     assert run.data.tags[tracking.TAG_KIND] == "evaluation" and run.info.status == "FINISHED"
@@ -178,10 +178,10 @@ def test_evaluate_a_model_samples_it_and_tags_its_run(ray_local, exports, tmp_pa
     (["{model}", "--n", "4", "--out", "x", "--workers", "3", "--cpus-per-worker", "8"], "can hold"),
 ])
 def test_bad_input_fails_in_one_line_before_ray(exports, tmp_path, monkeypatch, args, message):
-    import orchestrator.raycluster
+    import orchestrator.runtime.raycluster
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(orchestrator.raycluster, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.setattr(orchestrator.runtime.raycluster, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
     (tmp_path / "afile").write_text("x")
     args = [a.format(model=exports["ddpm_finetune"], file=tmp_path / "afile") for a in args]
     res = cli("sample", *args, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -4,7 +4,7 @@ import cloudpickle
 import optuna
 import pytest
 
-from orchestrator.samplers import RebuiltSampler, sweep_sampler
+from orchestrator.search.samplers import RebuiltSampler, sweep_sampler
 
 
 @pytest.mark.parametrize("multi", [False, True])

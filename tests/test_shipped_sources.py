@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import builtin_task, load_task
-from orchestrator.sources import RECIPE_FILE, pretrain_key
+from orchestrator.core.config import builtin_task, load_task
+from orchestrator.runs.sources import RECIPE_FILE, pretrain_key
 from trainers.builtin import HERE, SOURCES, builtin_classifier, builtin_source, sample_source
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,10 +3,10 @@
 import pytest
 import yaml
 
-from orchestrator.config import ConfigError, resolve
-from orchestrator.space import build_space, to_tune
-from orchestrator.space import pareto_front
-from orchestrator.sweep import SweepSettings
+from orchestrator.core.config import ConfigError, resolve
+from orchestrator.search.space import build_space, to_tune
+from orchestrator.search.space import pareto_front
+from orchestrator.search.sweep import SweepSettings
 
 
 @pytest.fixture
@@ -85,8 +85,8 @@ def test_a_resumed_sweep_retires_trials_that_tune_never_recorded(tmp_path, capsy
     deleted (restorable), and the known trials, also one known only by its folder, are kept."""
     from mlflow.entities import ViewType
 
-    from orchestrator import tracking
-    from orchestrator.sweep import TAG_TRIAL, retire_orphans
+    from orchestrator.records import tracking
+    from orchestrator.search.sweep import TAG_TRIAL, retire_orphans
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = tracking.get_or_create_experiment(uri, "sweeps")

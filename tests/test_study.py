@@ -1,12 +1,12 @@
-"""The kept Optuna study (orchestrator.study): where it lives, which URLs are refused, how a
+"""The kept Optuna study (orchestrator.search.study): where it lives, which URLs are refused, how a
 warm start maps an old sweep's best configs onto a new space, and the copy beside a remote sweep."""
 
 from __future__ import annotations
 
 import pytest
 
-from orchestrator.config import ConfigError
-from orchestrator.study import (check_study_url, default_location, load, open_storage, pull_copy, push_copy,
+from orchestrator.core.config import ConfigError
+from orchestrator.search.study import (check_study_url, default_location, load, open_storage, pull_copy, push_copy,
                                 record_missing, sqlite_path, warm_start_points)
 
 SPACE = {"lr": {"loguniform": [1e-5, 1e-3]}, "t_max": {"int": [200, 1000]}, "kl": {"choice": ["forward", "reverse"]},
@@ -95,7 +95,7 @@ def test_a_resumed_trial_whose_optuna_record_is_closed_reports_without_failing_t
     from optuna.exceptions import UpdateFinishedTrialError
     from ray.tune.search.optuna import OptunaSearch
 
-    from orchestrator.searcher import KeptStudySearch
+    from orchestrator.search.searcher import KeptStudySearch
 
     space = {"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}
     url = f"sqlite:///{tmp_path / 's.db'}"

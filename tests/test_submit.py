@@ -23,9 +23,9 @@ import pytest
 import typer
 import yaml
 
-from orchestrator import tracking
+from orchestrator.records import tracking
 from orchestrator.cli import app
-from orchestrator.submit import EXCLUDES, STOP_GRACE_S, SubmitError, build_job, check_command, cluster_paths
+from orchestrator.runtime.submit import EXCLUDES, STOP_GRACE_S, SubmitError, build_job, check_command, cluster_paths
 from tests.deploy import REPO, one
 from tests.harness import BIN, can_isolate
 from tests.raynode import IsolatedHead

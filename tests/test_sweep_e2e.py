@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from orchestrator import tracking
+from orchestrator.records import tracking
 from tests.tiny import TINY_RUN, cli, write_tiny_task
 
 pytestmark = pytest.mark.slow
@@ -184,7 +184,7 @@ def test_killed_sweep_resumes_with_every_trial_once(ray_local, workspace):
         # had started before the kill may have been told COMPLETE to Optuna after Tune's last saved
         # state (even one MLflow shows FINISHED): Tune reruns its end and reports again, which
         # Optuna cannot take (finished trials are final), so the study keeps the first value. (One
-        # whose first record was closed otherwise is added again: orchestrator.study.record_missing.)
+        # whose first record was closed otherwise is added again: orchestrator.search.study.record_missing.)
         if t["trial_id"] not in before:
             assert done[round(t["config"]["lr"], 15)] == pytest.approx(t["loss"]), t
     assert not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in study)
@@ -211,7 +211,7 @@ def test_ddpm_pa_sweep_with_its_default_space_and_objective(ray_local, workspace
 
 def study_trials(workspace, name):
     """The kept Optuna study of sweep ``name`` (runs/NAME/study.db): trial -> (state, params, values)."""
-    from orchestrator.study import load
+    from orchestrator.search.study import load
 
     st = load(f"sqlite:///{workspace / 'runs' / name / 'study.db'}", name)
     return st.get_trials(deepcopy=False)

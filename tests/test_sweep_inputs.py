@@ -1,14 +1,14 @@
-"""A sweep hands its trials the inputs it published once (``orchestrator.sweep``): every field a
+"""A sweep hands its trials the inputs it published once (``orchestrator.search.sweep``): every field a
 trial's job reads must survive that hand-over, or trials silently lose a metric (a sweep's trials
 once had no ``target_rate_domain`` because the domain classifier was dropped here)."""
 
 import dataclasses
 import json
 
-from orchestrator.artifacts import ArtifactRef
-from orchestrator.inputs import Inputs
-from orchestrator.sources import ResolvedSource
-from orchestrator.sweep import inputs_from, inputs_to
+from orchestrator.data.artifacts import ArtifactRef
+from orchestrator.runs.inputs import Inputs
+from orchestrator.runs.sources import ResolvedSource
+from orchestrator.search.sweep import inputs_from, inputs_to
 
 
 def ref(name: str) -> ArtifactRef:

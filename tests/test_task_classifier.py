@@ -34,12 +34,12 @@ def test_neither_images_keep_the_count_and_shuffle_only_positions():
 
 
 def test_the_run_trains_it_once_per_task_and_source_and_finds_it_by_content(tmp_path, monkeypatch):
-    """orchestrator.truth: the first run publishes the classifier under a content key; a run on a
+    """orchestrator.metrics.truth: the first run publishes the classifier under a content key; a run on a
     new storage with the same task and source takes the node's copy; another target has another key."""
     from types import SimpleNamespace
 
-    from orchestrator import truth
-    from orchestrator.artifacts import fetch, publish, publish_array
+    from orchestrator.metrics import truth
+    from orchestrator.data.artifacts import fetch, publish, publish_array
     from trainers.builtin import builtin_source
     from trainers.metrics.domain_classifier import DomainClassifier
 
@@ -75,8 +75,8 @@ def test_a_check_that_cannot_be_trained_is_skipped_with_a_warning(tmp_path, monk
     """A one-shot task has no image to hold out: the run goes on without target_rate."""
     from types import SimpleNamespace
 
-    from orchestrator import truth
-    from orchestrator.artifacts import publish, publish_array
+    from orchestrator.metrics import truth
+    from orchestrator.data.artifacts import publish, publish_array
     from trainers.builtin import builtin_source
 
     monkeypatch.setenv("ORCHESTRATE_CACHE", str(tmp_path / "cache"))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from orchestrator import tracking
+from orchestrator.records import tracking
 from tests.tiny import GAN_SOURCE, cli, experiment_runs, tiny_args, write_tiny_task
 
 pytestmark = pytest.mark.slow
@@ -71,8 +71,8 @@ def _check_mlflow_idioms(uri: str, c, run, task) -> None:
     import numpy as np
 
     from orchestrator.api import register
-    from orchestrator.config import ConfigError, InputError
-    from orchestrator.models import resolve_model
+    from orchestrator.core.config import ConfigError, InputError
+    from orchestrator.runs.models import resolve_model
     from trainers.generate import SampleOptions, open_model
 
     # the experiment opens in MLflow 3's model-training view (runs, charts, images), not GenAI's
@@ -88,8 +88,8 @@ def _check_mlflow_idioms(uri: str, c, run, task) -> None:
     assert json.loads(inputs["reference"].dataset.profile)["num_images"] == 32
     assert all(len(d.dataset.digest) == 36 for d in inputs.values())
     # the recorded digests are those of the data: the sha256 of the decoded images' .npy
-    from orchestrator.config import load_task
-    from orchestrator.inputs import check_data
+    from orchestrator.core.config import load_task
+    from orchestrator.runs.inputs import check_data
 
     for name, images in zip(("shots", "reference"), check_data(load_task(task))):
         buf = io.BytesIO()
@@ -157,10 +157,10 @@ def test_killed_run_resumes_from_its_checkpoint(ray_local, workspace):
 
 
 def test_exception_inside_training_marks_the_run_failed(ray_local, workspace):
-    from orchestrator.artifacts import publish_array
-    from orchestrator.config import resolve
-    from orchestrator.job import Job
-    from orchestrator.launch import run_job
+    from orchestrator.data.artifacts import publish_array
+    from orchestrator.core.config import resolve
+    from orchestrator.runtime.job import Job
+    from orchestrator.runtime.launch import run_job
 
     import numpy as np
 

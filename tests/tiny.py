@@ -5,7 +5,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from orchestrator import tracking
+from orchestrator.records import tracking
 from orchestrator.cli import app
 
 TINY_TASK = {

@@ -55,7 +55,7 @@ class MethodConfig(BaseModel):
     @classmethod
     def search_space(cls) -> dict[str, Any]:
         """The method's default sweep space: setting key -> {uniform|loguniform|int|choice: ...}
-        (see orchestrator/space.py for the format). Keys are this config's fields or run.KEY."""
+        (see orchestrator/search/space.py for the format). Keys are this config's fields or run.KEY."""
         return {"lr": {"loguniform": [1e-5, 1e-3]}}
 
 

@@ -44,19 +44,43 @@ def random_batch(images: torch.Tensor, batch_size: int, generator: torch.Generat
 
 
 class EMA:
-    """Exponential moving average of a module's parameters, with the usual warm-up
-    ``min(decay, (1 + n) / (10 + n))`` so that short few-shot runs are not dominated by the source
-    weights (the warm-up is standard in improved-diffusion/diffusers style training)."""
+    """Exponential moving average of a module's parameters, one for both families: after each
+    optimiser step ``ema ← d·ema + (1 − d)·θ``.
 
-    def __init__(self, module: torch.nn.Module, decay: float):
+    ``decay`` means the same in every method: the per-step decay d at full strength (0 turns the
+    EMA off, which the methods check before building one). ``warmup`` is the one place where the
+    families' conventions differ, and it is a config knob (``ema_warmup``) rather than a silent
+    second meaning:
+
+    * ``warmup=True`` caps d at ``(1 + n) / (10 + n)`` on the n-th update (n counted from 1), the
+      warm-up of improved-diffusion / diffusers' ``EMAModel``: the diffusion methods' default, so a
+      few-shot run of a few hundred steps is not dominated by the source's weights.
+    * ``warmup=False`` uses d from the first step: rosinality's ``accumulate`` and StyleGAN2-ADA, the
+      GAN methods' default (their decay may also come per step from ``update(decay=...)``, e.g.
+      ADA's ``0.5^(batch / ema_nimg)``).
+
+    ``start``: the EMA's initial weights (a GAN's source ``g_ema``); by default a copy of ``module``.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float, *, warmup: bool,
+                 start: torch.nn.Module | None = None):
+        if not 0 <= decay < 1:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
         self.decay = decay
+        self.warmup = warmup
         self.num_updates = 0
-        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        self.module = (start if start is not None else copy.deepcopy(module)).eval().requires_grad_(False)
+
+    def decay_now(self, decay: float | None = None) -> float:
+        """The decay of the current update (``num_updates`` already counts it): ``decay`` (else the
+        configured one), warmed up when ``warmup``."""
+        d = self.decay if decay is None else decay
+        return min(d, (1 + self.num_updates) / (10 + self.num_updates)) if self.warmup else d
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
+    def update(self, module: torch.nn.Module, decay: float | None = None) -> None:
         self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        d = self.decay_now(decay)
         ema_params = list(self.module.parameters())
         params = [p.detach() for p in module.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - d)

@@ -2,7 +2,7 @@
 
 ``open_model(path)`` reads a model folder or file and returns a :class:`Model` whose
 ``generate(indices, seed, options)`` draws the images of those indices. It is the one sampler
-behind ``orchestrate sample`` and ``orchestrate evaluate`` (``orchestrator.sampling`` spreads it
+behind ``orchestrate sample`` and ``orchestrate evaluate`` (``orchestrator.runtime.sampling`` spreads it
 over a cluster) and knows every kind of generator the methods export:
 
 ==================  ========================================================================
@@ -26,7 +26,7 @@ Reproducible per image: image ``i`` is made from its own random generator, seede
 (the starting noise, each stochastic step's noise, its label, a GAN's z and noise maps). So the
 images of an index do not depend on which other indices share its batch or on how many workers
 share the job; only the batch *composition* may change float rounding, which is why callers fix
-the blocks of indices that form a batch (``orchestrator.sampling``).
+the blocks of indices that form a batch (``orchestrator.runtime.sampling``).
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ class DDPMFinetuneConfig(MethodConfig):
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(8, ge=1)
     weight_decay: float = Field(0.0, ge=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1, description="0 disables EMA")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="per-step EMA decay (trainers.common.EMA); 0 disables EMA")
+    ema_warmup: bool = Field(True, description="cap the EMA decay at (1+n)/(10+n) on step n (diffusers' warm-up)")
     t_min: int = Field(0, ge=0, description="smallest training timestep (inclusive)")
     t_max: int | None = Field(None, description="largest training timestep (exclusive); None = T")
     sample_steps: int = Field(50, ge=1, description="DDIM steps used by sample() by default")
@@ -65,7 +66,7 @@ class DDPMFinetune(AdaptationMethod):
             )
         self.t_range = (config.t_min, t_max)
         self.optimizer = self.perf.adamw(self.unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.ema = EMA(self.unet, config.ema_decay) if config.ema_decay > 0 else None
+        self.ema = EMA(self.unet, config.ema_decay, warmup=config.ema_warmup) if config.ema_decay > 0 else None
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     @property

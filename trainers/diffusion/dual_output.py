@@ -490,7 +490,7 @@ class DualOutputPretrainConfig(DualOutputConfig):
     preset: str = Field("small", description="UNet shape: tiny | small | base")
     lr: float = Field(2e-4, gt=0, description="the paper's pretraining lr")
     batch_size: int = Field(32, ge=1, description="the project's pretraining batch (paper: 128)")
-    ema_decay: float = Field(0.999, ge=0, lt=1, description="the project's pretraining EMA (paper: 0.9999)")
+    # ema_decay / ema_warmup: fine-tuning's, 0.999 warmed up (trainers.common.EMA; paper: 0.9999)
 
 
 class DualOutputPretrain(DualOutput):

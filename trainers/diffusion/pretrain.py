@@ -18,7 +18,7 @@ class DDPMPretrainConfig(DDPMFinetuneConfig):
     preset: str = Field("small", description="UNet shape: tiny | small | base")
     lr: float = Field(2e-4, gt=0)
     batch_size: int = Field(32, ge=1)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
+    # ema_decay / ema_warmup: fine-tuning's (0.999, warmed up: trainers.common.EMA)
 
 
 class DDPMPretrain(DDPMFinetune):

@@ -11,7 +11,9 @@ One ``train_step`` is one iteration of rosinality/stylegan2-pytorch's ``train.py
 4. Optional lazy path-length regularisation every ``g_reg_every`` (4) G steps, weight
    ``path_regularize``·g_reg_every on a batch shrunk by ``path_batch_shrink`` (off by default:
    the few-shot papers fine-tune without it for 1–3k iterations; StyleGAN2 uses 2).
-5. Optional EMA of G (rosinality's ``accumulate``: g_ema ← d·g_ema + (1 − d)·g; off by default, below).
+5. Optional EMA of G (rosinality's ``accumulate``: g_ema ← d·g_ema + (1 − d)·g; off by default, below),
+   through ``trainers.common.EMA``, the EMA of both families: ``ema_decay`` is the same per-step d
+   as in the diffusion methods, without their warm-up (``ema_warmup`` False, as rosinality/ADA).
 
 Choices (and why):
 
@@ -61,7 +63,7 @@ import torch
 from pydantic import Field
 
 from trainers.base import AdaptationMethod, MethodConfig
-from trainers.common import SourceModelError, generator_state_to, to_uint8
+from trainers.common import EMA, SourceModelError, generator_state_to, to_uint8
 from trainers.gan.losses import d_logistic_loss, d_r1_loss, g_nonsaturating_loss, g_path_regularize
 from trainers.gan.source import GANSource, save_gan_source
 from trainers.nets.stylegan2 import Generator
@@ -80,8 +82,9 @@ class GANFinetuneConfig(MethodConfig):
     g_reg_every: int = Field(4, ge=1, description="lazy path-length interval (G steps)")
     path_batch_shrink: int = Field(2, ge=1)
     mixing: float = Field(0.9, ge=0, le=1, description="style-mixing probability")
-    ema_decay: float = Field(0.0, ge=0, lt=1, description="G EMA decay per step; 0 (default) disables EMA; "
-                             "0.99778 = rosinality's, for paper-length runs")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="per-step G EMA decay (trainers.common.EMA); 0 (default) "
+                             "disables EMA; 0.99778 = rosinality's, for paper-length runs")
+    ema_warmup: bool = Field(False, description="cap the EMA decay at (1+n)/(10+n) on step n; off as in rosinality/ADA")
     ema_kimg: float | None = Field(None, gt=0, description="if set: decay 0.5^(batch/(ema_kimg·1000))")
     ema_rampup: float | None = Field(None, gt=0, description="ADA's EMA ramp-up (with ema_kimg)")
     truncation: float = Field(1.0, gt=0, le=1, description="truncation ψ used by sample()")
@@ -133,8 +136,10 @@ class GANFinetune(AdaptationMethod):
         self.g_net: torch.nn.Module = self.g  # DDP-wrapped when parallelized
         self.d_net: torch.nn.Module = self.d
         self.use_ema = config.ema_decay > 0 or config.ema_kimg is not None
-        self.g_ema: Generator | None = (source.g_ema.to(self.device).eval().requires_grad_(False)
-                                        if self.use_ema else None)
+        # G_ema starts from the source's g_ema (below); the one EMA of both families
+        self.ema = (EMA(self.g, config.ema_decay, warmup=config.ema_warmup, start=source.g_ema.to(self.device))
+                    if self.use_ema else None)
+        self.g_ema: Generator | None = self.ema.module if self.ema is not None else None
         self.r1_gamma = (config.r1 if config.r1 is not None
                          else 0.0002 * self.resolution ** 2 / config.batch_size)
         self.g_optim = _adam(self.perf, self.g.parameters(), config.lr, config.g_reg_every, config.path_regularize > 0)
@@ -270,13 +275,9 @@ class GANFinetune(AdaptationMethod):
             ema_nimg = min(ema_nimg, self.images_seen * cfg.ema_rampup)
         return 0.5 ** (batch / max(ema_nimg, 1e-8))
 
-    @torch.no_grad()
     def update_ema(self, batch: int) -> None:
-        if self.g_ema is None:
-            return
-        decay = self.ema_decay_now(batch)
-        ema = list(self.g_ema.parameters())
-        torch._foreach_lerp_(ema, [p.detach() for p in self.g.parameters()], 1.0 - decay)
+        if self.ema is not None:
+            self.ema.update(self.g, decay=self.ema_decay_now(batch))
 
     # -- sampling and state ------------------------------------------------------------------
     @property
@@ -309,6 +310,7 @@ class GANFinetune(AdaptationMethod):
             "g": self.g.state_dict(),
             "d": self.d.state_dict(),
             "g_ema": self.g_ema.state_dict() if self.g_ema is not None else None,
+            "ema_updates": self.ema.num_updates if self.ema is not None else 0,
             "g_optim": self.g_optim.state_dict(),
             "d_optim": self.d_optim.state_dict(),
             "mean_path_length": self.mean_path_length.detach().clone(),
@@ -323,6 +325,7 @@ class GANFinetune(AdaptationMethod):
         self.d.load_state_dict(state["d"])
         if self.g_ema is not None and state.get("g_ema") is not None:
             self.g_ema.load_state_dict(state["g_ema"])
+            self.ema.num_updates = int(state.get("ema_updates", self.step))  # one update per step
         self.g_optim.load_state_dict(state["g_optim"])
         self.d_optim.load_state_dict(state["d_optim"])
         self.mean_path_length = state["mean_path_length"].to(self.device)
