@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from trainers.common import SourceModelError, random_batch
+from trainers.common import SourceModelError, generator_states, load_generator_states, random_batch
 from trainers.diffusion.backbone import DiffusionSource, build_unet, default_scheduler, load_source, save_source
 from trainers.diffusion.ddpm_finetune import DDPMFinetune, DDPMFinetuneConfig
 
@@ -43,8 +43,10 @@ def test_state_dict_resumes_bit_for_bit():
     for _ in range(3):
         a.train_step(random_batch(images, 4, gen))
     state = copy.deepcopy(a.state_dict())  # as torch.save/torch.load would hand it back
+    gens = copy.deepcopy(generator_states(a))  # the RNGs travel beside the state (trainers.common)
     b = DDPMFinetune(cfg, tiny_source(seed=1), "cpu", seed=99)
     b.load_state_dict(state)
+    load_generator_states(b, gens)
     batch = random_batch(images, 4, gen)
     la, lb = a.train_step(batch.clone()), b.train_step(batch.clone())
     assert la["loss"] == lb["loss"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
 
-from trainers.common import random_batch
+from trainers.common import generator_states, load_generator_states, random_batch
 from trainers.perf import DevicePerf
 from trainers.diffusion.backbone import UNET_PRESETS, DiffusionSource, build_unet, default_scheduler
 from trainers.diffusion.ddpm_pa import DDPMPA, DDPMPAConfig, hf_mse, pairwise_cosine, pairwise_kl
@@ -235,9 +235,11 @@ def test_state_dict_resumes_bit_for_bit():
     for _ in range(3):
         a.train_step(random_batch(images, 5, gen))
     state = copy.deepcopy(a.state_dict())  # as torch.save/torch.load would hand it back
+    gens = copy.deepcopy(generator_states(a))  # the RNGs travel beside the state (trainers.common)
     assert not any("source" in k for k in state)
     b = DDPMPA(cfg, tiny_source(), "cpu", seed=99)  # the source is rebuilt from the same model
     b.load_state_dict(state)
+    load_generator_states(b, gens)
     for _ in range(2):
         x = random_batch(images, 5, gen)
         la, lb = a.train_step(x.clone()), b.train_step(x.clone())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from trainers.common import SourceModelError, random_batch
+from trainers.common import SourceModelError, generator_states, load_generator_states, random_batch
 from trainers.diffusion.backbone import (UNET_PRESETS, DiffusionSource, build_unet, ddim_sample,
                                          default_scheduler, load_source)
 from trainers.diffusion.dual_output import (DiffusionCoefficients, DualOutput, DualOutputConfig,
@@ -322,8 +322,10 @@ def test_state_dict_resumes_exactly():
     for _ in range(3):
         a.train_step(random_batch(images, 5, gen))
     state = copy.deepcopy(a.state_dict())  # as torch.save/torch.load would hand it back
+    gens = copy.deepcopy(generator_states(a))  # the RNGs travel beside the state (trainers.common)
     b = DualOutput(cfg, tiny_source(), "cpu", seed=99)
     b.load_state_dict(state)
+    load_generator_states(b, gens)
     for _ in range(2):
         x = random_batch(images, 5, gen)
         la, lb = a.train_step(x.clone()), b.train_step(x.clone())

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainers.common import SourceModelError, random_batch
+from trainers.common import SourceModelError, generator_states, load_generator_states, random_batch
 from trainers.gan.dcl import DCL, DCLConfig, select_layers
 from trainers.gan.gan_finetune import ROSINALITY_EMA, GANFinetune, GANFinetuneConfig
 from trainers.gan.losses import d_r1_loss, info_nce, info_nce_in_batch
@@ -163,8 +163,10 @@ def test_state_dict_resumes_bit_for_bit(cls, cfg):
     for _ in range(2):
         a.train_step(random_batch(images, 4, gen))
     state = copy.deepcopy(a.state_dict())  # as torch.save/torch.load would hand it back
+    gens = copy.deepcopy(generator_states(a))  # the RNGs travel beside the state (trainers.common)
     b = cls(cfg, tiny_source(seed=1), "cpu", seed=99)
     b.load_state_dict(state)
+    load_generator_states(b, gens)
     for _ in range(2):  # crosses an R1 step and a path-length step
         batch = random_batch(images, 4, gen)
         la, lb = a.train_step(batch.clone()), b.train_step(batch.clone())

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from trainers.common import random_batch
+from trainers.common import generator_states, load_generator_states, random_batch
 from trainers.gan.gan_finetune import ROSINALITY_EMA, GANFinetune, GANFinetuneConfig
 from trainers.gan.lfs_gan import (
     LFSGAN, LFSGANConfig, cluster_mode_seeking_loss, cluster_pairs, load_lfs_modulators, nearest_shot,
@@ -257,9 +257,11 @@ def test_state_dict_resumes_bit_for_bit():
     a.set_task(1)
     a.train_step(data[1])
     state = copy.deepcopy(a.state_dict())  # as torch.save / torch.load would hand it back
+    gens = copy.deepcopy(generator_states(a))  # the RNGs travel beside the state (trainers.common)
     assert set(state["tasks"]) == {0, 1} and state["task_id"] == 1
     b = LFSGAN(cfg, tiny_source(), "cpu", seed=99)
     b.load_state_dict(state)
+    load_generator_states(b, gens)
     assert b.task_id == 1 and b.learned_tasks == [0, 1]
     for batch in data[2:]:  # crosses an R1 step
         assert a.train_step(batch.clone()) == b.train_step(batch.clone())

@@ -161,6 +161,34 @@ def test_checkpoints_load_on_the_cpu_and_rng_states_restore_with_their_own_apis(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: saves on CUDA, restores elsewhere")
+def _leaves(state):
+    if isinstance(state, dict):
+        for v in state.values():
+            yield from _leaves(v)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            yield from _leaves(v)
+    else:
+        yield state
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_rng_state_is_kept_in_one_place(sources, method):
+    """A method's ``state_dict`` holds no generator state: every RNG of a run is captured once, per
+    process, by orchestrator/core/rng.py (the bit-identical resume above shows it is enough)."""
+    from orchestrator.core.rng import capture
+    from orchestrator.runtime.loop import build_method
+    from trainers.common import generator_states
+
+    m, _ = build_method(_job(sources, method, f"{method}-rng"), torch.device("cpu"), 0)
+    gens = generator_states(m)
+    assert gens, "the method draws from generators of its own"
+    assert set(capture(m, torch.Generator())["method"]) == set(gens)
+    in_state = [v for v in _leaves(m.state_dict()) if isinstance(v, torch.Tensor) and v.dtype == torch.uint8
+                and any(v.shape == g.shape and torch.equal(v, g) for g in gens.values())]
+    assert not in_state
+
+
 @pytest.mark.parametrize("method", ["ddpm_finetune", "gan_finetune", "lfs_gan"])
 def test_cuda_checkpoint_resumes(sources, method, tmp_path):
     from orchestrator.core.rng import capture, load_state, restore

@@ -10,7 +10,7 @@ import torch
 from trainers import annotate
 from trainers.annotate import Annotator, assign, cached_labels, kmeans, load_domain_encoder
 from trainers.base import PrepareContext
-from trainers.common import random_batch
+from trainers.common import generator_states, load_generator_states, random_batch
 from trainers.data.synthetic import render
 from trainers.diffusion import self_guided as sg
 from trainers.diffusion.backbone import DiffusionSource, build_unet, ddim_sample, default_scheduler, load_source
@@ -375,8 +375,10 @@ def test_state_dict_resumes_exactly(encoder_file, shots):
     for _ in range(3):
         a.train_step(*_batch(shots, gen))
     state = copy.deepcopy(a.state_dict())
+    gens = copy.deepcopy(generator_states(a))  # the RNGs travel beside the state (trainers.common)
     b = SelfGuided(cfg, tiny_source(seed=1), "cpu", seed=99)
     b.load_state_dict(state)  # before prepare: prepare touches no weights
+    load_generator_states(b, gens)
     b.prepare(shots, ctx)
     batch, idx = _batch(shots, gen)
     la, lb = a.train_step(batch.clone(), idx), b.train_step(batch.clone(), idx)

@@ -116,7 +116,11 @@ class AdaptationMethod(ABC):
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume training exactly (weights, optimiser, EMA, step, RNG)."""
+        """Everything needed to resume training exactly (weights, optimiser, EMA, step) except the
+        random number generators: those the method keeps as ``torch.Generator`` attributes (noise,
+        timesteps, latents), like the global RNGs, are saved and restored by the caller, once per
+        process (``orchestrator/core/rng.py``), because in data-parallel runs each rank's differ
+        while one rank saves the weights."""
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -94,7 +94,20 @@ class EMA:
         self.module.load_state_dict(state["module"])
 
 
-def generator_state_to(generator: torch.Generator, state: torch.Tensor) -> None:
-    """Restore a ``torch.Generator`` from a saved state wherever the state tensor was loaded:
-    ``Generator.set_state`` accepts only a CPU ByteTensor, also for a CUDA generator."""
-    generator.set_state(state.detach().to("cpu", torch.uint8))
+def generator_states(method: Any) -> dict[str, torch.Tensor]:
+    """The state of every ``torch.Generator`` a method keeps as an attribute (noise, timesteps,
+    latents, batches of its own). A method's ``state_dict`` leaves them out: the caller saves them
+    once per process beside the weights (in data-parallel runs each rank's generators differ while
+    one rank saves the weights), and restores them with :func:`load_generator_states`."""
+    return {k: v.get_state() for k, v in vars(method).items() if isinstance(v, torch.Generator)}
+
+
+def load_generator_states(method: Any, states: dict[str, torch.Tensor]) -> None:
+    """Restore :func:`generator_states` wherever the tensors were loaded: ``Generator.set_state``
+    accepts only a CPU ByteTensor, also for a CUDA generator. A name the method no longer has is
+    skipped."""
+    for name, state in states.items():
+        gen = vars(method).get(name)
+        if isinstance(gen, torch.Generator):
+            gen.set_state(state.detach().to("cpu", torch.uint8))
+

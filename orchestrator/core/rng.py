@@ -6,9 +6,10 @@ the CPU (and draws the same random numbers on a GPU):
 * the global torch CPU RNG (``torch.get_rng_state``), every CUDA device's RNG
   (``torch.cuda.get_rng_state_all``), numpy's and Python's global RNGs;
 * the loop's batch generator (which shots, which flips);
-* every ``torch.Generator`` the method keeps as an attribute (noise, timesteps, latents), per
-  rank — in data-parallel runs rank 0 saves the method's weights once, but each rank's own
-  generators are saved and restored by that rank.
+* every ``torch.Generator`` the method keeps as an attribute (noise, timesteps, latents:
+  ``trainers.common.generator_states``), per rank — in data-parallel runs rank 0 saves the method's
+  weights once, but each rank's own generators are saved and restored by that rank. This is the
+  only place a run's RNG state is kept: the methods' ``state_dict`` holds none.
 
 Checkpoints are always loaded on the CPU (``map_location="cpu"``) and the pieces then moved
 where they belong: ``torch.set_rng_state`` and ``Generator.set_state`` accept only CPU
@@ -24,14 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainers.common import generator_states, load_generator_states
+
 
 def load_state(path: str | Path) -> dict[str, Any]:
     """A checkpoint file, on the CPU whatever device wrote it."""
     return torch.load(Path(path), map_location="cpu", weights_only=False)
-
-
-def method_generators(method: Any) -> dict[str, torch.Generator]:
-    return {k: v for k, v in vars(method).items() if isinstance(v, torch.Generator)}
 
 
 def seed_everything(seed: int) -> None:
@@ -46,7 +45,7 @@ def capture(method: Any, batch_generator: torch.Generator) -> dict[str, Any]:
         "numpy": np.random.get_state(),
         "python": random.getstate(),
         "batch": batch_generator.get_state(),
-        "method": {k: g.get_state() for k, g in method_generators(method).items()},
+        "method": generator_states(method),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["torch_cuda"] = torch.cuda.get_rng_state_all()
@@ -69,7 +68,4 @@ def restore(state: dict[str, Any], method: Any, batch_generator: torch.Generator
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     batch_generator.set_state(_cpu_bytes(state["batch"]))
-    gens = method_generators(method)
-    for name, s in state.get("method", {}).items():
-        if name in gens:
-            gens[name].set_state(_cpu_bytes(s))
+    load_generator_states(method, state.get("method", {}))

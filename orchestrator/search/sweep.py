@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, ConfigDict
+
 from orchestrator.core import interrupts
 from orchestrator.records import tracking
 from orchestrator.core.config import ConfigError, ResolvedConfig, TaskConfig, apply_overrides
@@ -157,17 +159,53 @@ def _trial_status_callback(tracking_uri: str, experiment_id: str, parent_run_id:
     return MlflowTrialStatus()
 
 
-def inputs_from(static: dict[str, Any]) -> Inputs:
+class TrialSetup(BaseModel):
+    """What the sweep driver hands every trial, computed once per sweep (and again on ``--resume``):
+    where to record, where the trials keep their state, and the resources of one trial. Picklable
+    and typed, so a field a trial reads is checked where the driver builds it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    sweep_name: str
+    trials_storage: str
+    cpus: float
+    gpus: float
+
+
+class RunTrialSetup(TrialSetup):
+    """A trial that is one training run: the sweep's base config (secrets redacted), the published
+    inputs every trial shares (``inputs_to``), and the steps the driver chose for checkpoints (ASHA's
+    rungs and the run's cadence) and evaluations."""
+
+    base: dict[str, Any]
+    inputs: dict[str, Any]
+    source_name: str
+    checkpoint_at: list[int]
+    eval_at: list[int]
+
+
+class SequenceTrialSetup(TrialSetup):
+    """A trial that is a whole lifelong sequence (``sequence_trial``)."""
+
+    sequence: dict[str, Any]
+    method: str
+    overrides: dict[str, Any]
+    sequence_inputs: dict[str, Any]
+
+
+def inputs_from(inputs: dict[str, Any]) -> Inputs:
     from orchestrator.data.artifacts import ArtifactRef
     from orchestrator.runs.sources import ResolvedSource
 
     plain = ("hub_id", "target_domain")  # strings, not artifact refs
-    refs = {k: ArtifactRef.model_validate(v) if v else None for k, v in static["inputs"].items() if k not in plain}
-    # .get: a sweep started before the classifier travelled with its trials resumes without it
-    return Inputs(source=ResolvedSource(refs["source"], static["inputs"].get("hub_id"), None), data=refs["data"],
+    refs = {k: ArtifactRef.model_validate(v) if v else None for k, v in inputs.items() if k not in plain}
+    # .get: inputs published before the classifier travelled with the trials resume without it
+    return Inputs(source=ResolvedSource(refs["source"], inputs.get("hub_id"), None), data=refs["data"],
                   reference=refs["reference"], domain_encoder=refs["domain_encoder"],
                   reference_stats=refs["reference_stats"], domain_classifier=refs.get("domain_classifier"),
-                  target_domain=static["inputs"].get("target_domain"),
+                  target_domain=inputs.get("target_domain"),
                   truth_classifier=refs.get("truth_classifier"))
 
 
@@ -181,32 +219,32 @@ def inputs_to(inputs: Inputs) -> dict[str, Any]:
             "target_domain": inputs.target_domain, "truth_classifier": dump(inputs.truth_classifier)}
 
 
-def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:
+def trial_driver(params: dict[str, Any], *, setup: RunTrialSetup) -> None:
     """The Tune function trainable: one trial = one training run + one MLflow child run."""
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
-    base = ResolvedConfig.model_validate(static["base"])
+    base = ResolvedConfig.model_validate(setup.base)
     cfg = apply_overrides(base, params, where="trial")
-    uri, exp_id, parent = static["tracking_uri"], static["experiment_id"], static["parent_run_id"]
+    uri, exp_id, parent = setup.tracking_uri, setup.experiment_id, setup.parent_run_id
     existing = tracking.find_run(uri, exp_id, trial_id, parent)
     if existing is not None and existing.info.status == "FINISHED":
         # The trial finished (and said so in MLflow) but the sweep was killed before Tune saved
         # that in its state: give Tune the recorded result instead of training it again.
         tune.report({**existing.data.metrics, "step": cfg.run.steps})
         return
-    job = make_job(cfg, inputs_from(static), name=trial_id, storage=static["trials_storage"],
-                   checkpoint_at=static["checkpoint_at"], eval_at=static.get("eval_at"),
-                   run_overrides={"cpus_per_worker": static["cpus"]})
+    job = make_job(cfg, inputs_from(setup.inputs), name=trial_id, storage=setup.trials_storage,
+                   checkpoint_at=setup.checkpoint_at, eval_at=setup.eval_at,
+                   run_overrides={"cpus_per_worker": setup.cpus})
 
     def first_start(run_id: str) -> None:
         tracking.log_params(uri, run_id, cfg.flat_params())
         tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
         log_job_inputs(uri, run_id, job, data_sources(cfg))
 
-    tags = {tracking.TAG_KIND: "trial", TAG_TRIAL: trial_id, TAG_SWEEP: static["sweep_name"],
+    tags = {tracking.TAG_KIND: "trial", TAG_TRIAL: trial_id, TAG_SWEEP: setup.sweep_name,
             tracking.TAG_TASK: cfg.task.name, tracking.TAG_METHOD: cfg.method,
-            "orchestrate.source": static["source_name"]}
+            "orchestrate.source": setup.source_name}
     # A resumed trial (sweep interrupted, or its process died) reopens its run. Only a normal end
     # is recorded here (end_on_error=False): when Tune stops or loses a trial, this function is
     # interrupted in ways that look like errors, so the sweep driver's callback records those.
@@ -219,19 +257,19 @@ def trial_driver(params: dict[str, Any], *, static: dict[str, Any]) -> None:
 
             run(job, TuneSession())
         else:
-            _fit_torch_trainer(job, static)
+            _fit_torch_trainer(job, setup)
 
 
-def _fit_torch_trainer(job, static: dict[str, Any]) -> None:
+def _fit_torch_trainer(job, setup: RunTrialSetup) -> None:
     """A multi-worker trial: a TorchTrainer launched from the trial, reporting through Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trainer = torch_trainer(job, storage_path=static["trials_storage"], cpus=static["cpus"], gpus=static["gpus"],
+    trainer = torch_trainer(job, storage_path=setup.trials_storage, cpus=setup.cpus, gpus=setup.gpus,
                             callbacks=[TuneReportCallback()])
     trainer.fit()  # inside a Tune trial: not the main thread, Ray Train installs no signal handler
 
 
-def sequence_trial(params: dict[str, Any], *, static: dict[str, Any]) -> None:
+def sequence_trial(params: dict[str, Any], *, setup: SequenceTrialSetup) -> None:
     """The Tune function trainable of a sequence sweep: one trial = the whole lifelong sequence
     with the trial's config (each task run in this process, checkpointed in the run storage),
     recorded as a lifelong MLflow run under the sweep's parent. After each task it reports the
@@ -244,12 +282,12 @@ def sequence_trial(params: dict[str, Any], *, static: dict[str, Any]) -> None:
     from orchestrator.runs.lifelong import SequenceConfig, SequenceInputs, run_lifelong
 
     trial_id = tune.get_context().get_trial_id()
-    seq = SequenceConfig.model_validate(static["sequence"])
-    inputs = SequenceInputs.from_static(static["sequence_inputs"])
-    run_lifelong(seq, static["method"], overrides={**static["overrides"], **params}, name=trial_id,
-                 tracking_uri=static["tracking_uri"], storage=static["trials_storage"],
-                 parent_run_id=static["parent_run_id"], where=f"trial {trial_id}",
-                 tags={tracking.TAG_KIND: "trial", TAG_TRIAL: trial_id, TAG_SWEEP: static["sweep_name"]},
+    seq = SequenceConfig.model_validate(setup.sequence)
+    inputs = SequenceInputs.from_static(setup.sequence_inputs)
+    run_lifelong(seq, setup.method, overrides={**setup.overrides, **params}, name=trial_id,
+                 tracking_uri=setup.tracking_uri, storage=setup.trials_storage,
+                 parent_run_id=setup.parent_run_id, where=f"trial {trial_id}",
+                 tags={tracking.TAG_KIND: "trial", TAG_TRIAL: trial_id, TAG_SWEEP: setup.sweep_name},
                  on_task=lambda k, summary: tune.report({"tasks_learned": k + 1, **summary}),
                  inputs=inputs, lease=False, launcher="inprocess")
 
@@ -541,29 +579,30 @@ def _fit(base: ResolvedConfig, space: dict[str, Any], settings: SweepSettings, *
     gpus = settings.gpus_per_trial
     common = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id, "sweep_name": name,
               "trials_storage": f"{sweep_path}/trials", "cpus": settings.cpus, "gpus": gpus}
+    setup: TrialSetup
     if sequence is not None:
         configs = task_configs(sequence, base.method, overrides, f"sequence {sequence.name}")
         seq_inputs = prepare_sequence(sequence, configs, storage=storage, tracking_uri=uri, lease=False)
         progress = Progress("tasks_learned", len(sequence.tasks))
         # each task runs in the trial's process: it holds the CPU/GPU its runs compute with
         hardware = {"run.cpus_per_worker": settings.cpus}
-        static = {**common, "sequence": redact(sequence.model_dump(mode="json")), "method": base.method,
-                  "overrides": {**overrides, **hardware}, "sequence_inputs": seq_inputs.to_static()}
+        setup = SequenceTrialSetup(**common, sequence=redact(sequence.model_dump(mode="json")), method=base.method,
+                                   overrides={**overrides, **hardware}, sequence_inputs=seq_inputs.to_static())
         driver, workers = sequence_trial, 1
     else:
         inputs = prepare(base, storage=storage, tracking_uri=uri, stats=True, lease=False)
         progress = Progress("step", base.run.steps)
-        static = {**common, "base": base.public_dump(), "inputs": inputs_to(inputs),
-                  "source_name": inputs.source.describe(),
-                  "checkpoint_at": checkpoint_steps(base, settings, progress),
-                  "eval_at": eval_schedule(base.run, _rungs(settings, progress))}
+        setup = RunTrialSetup(**common, base=base.public_dump(), inputs=inputs_to(inputs),
+                              source_name=inputs.source.describe(),
+                              checkpoint_at=checkpoint_steps(base, settings, progress),
+                              eval_at=eval_schedule(base.run, _rungs(settings, progress)))
         driver, workers = trial_driver, base.run.num_workers
     if workers == 1:
         # the trial's own process trains: it holds the worker's resources
         resources = {"CPU": settings.cpus, **({"GPU": gpus} if gpus else {})}
     else:
         resources = {"CPU": 0.01}  # the trial only drives its TorchTrainer's workers
-    trainable = tune.with_resources(functools.partial(driver, static=static), resources)
+    trainable = tune.with_resources(functools.partial(driver, setup=setup), resources)
     trial_ids: dict[str, str] = {}
     callbacks = [_trial_status_callback(uri, exp_id, parent_id, progress, trial_ids)]
     # round 0 is Tune's experiment <storage>/<name>; round k of --more is <storage>/<name>/round<k>

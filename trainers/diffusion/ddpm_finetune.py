@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from trainers.base import AdaptationMethod, MethodConfig
-from trainers.common import EMA, SourceModelError, generator_state_to
+from trainers.common import EMA, SourceModelError
 from trainers.diffusion.backbone import DiffusionSource, ddim_sample, save_source
 from trainers.perf import DevicePerf
 
@@ -149,7 +149,6 @@ class DDPMFinetune(AdaptationMethod):
             "unet": self.unet.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -158,7 +157,6 @@ class DDPMFinetune(AdaptationMethod):
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        generator_state_to(self.generator, state["generator"])
 
     def export(self, folder: str | Path) -> Path:
         """The adapted (EMA) UNet as a diffusers folder: it loads as a source for a later task."""

@@ -63,7 +63,7 @@ import torch
 from pydantic import Field
 
 from trainers.base import AdaptationMethod, MethodConfig
-from trainers.common import EMA, SourceModelError, generator_state_to, to_uint8
+from trainers.common import EMA, SourceModelError, to_uint8
 from trainers.gan.losses import d_logistic_loss, d_r1_loss, g_nonsaturating_loss, g_path_regularize
 from trainers.gan.source import GANSource, save_gan_source
 from trainers.nets.stylegan2 import Generator
@@ -314,8 +314,6 @@ class GANFinetune(AdaptationMethod):
             "g_optim": self.g_optim.state_dict(),
             "d_optim": self.d_optim.state_dict(),
             "mean_path_length": self.mean_path_length.detach().clone(),
-            "generator": self.generator.get_state(),
-            "cpu_generator": self.cpu_generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -329,8 +327,6 @@ class GANFinetune(AdaptationMethod):
         self.g_optim.load_state_dict(state["g_optim"])
         self.d_optim.load_state_dict(state["d_optim"])
         self.mean_path_length = state["mean_path_length"].to(self.device)
-        generator_state_to(self.generator, state["generator"])
-        generator_state_to(self.cpu_generator, state["cpu_generator"])
 
     def export(self, folder: str | Path) -> Path:
         """The adapted G, G_ema (G when EMA is off) and D as a rosinality-format checkpoint

@@ -85,7 +85,6 @@ from pydantic import Field, model_validator
 
 from trainers.gan.gan_finetune import GANFinetune, GANFinetuneConfig, Latents, _adam
 from trainers.gan.source import GANSource, save_gan_source
-from trainers.common import generator_state_to
 from trainers.nets.left import AdditiveInit, LeFTGenerator, RankInit
 from trainers.perf import DevicePerf
 
@@ -469,8 +468,6 @@ class LFSGAN(GANFinetune):
             "g_optim": self.g_optim.state_dict(),
             "d_optim": self.d_optim.state_dict(),
             "mean_path_length": self.mean_path_length.detach().clone(),
-            "generator": self.generator.get_state(),
-            "cpu_generator": self.cpu_generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -489,8 +486,6 @@ class LFSGAN(GANFinetune):
         self.step = int(state["step"])
         self.images_seen = int(state.get("images_seen", 0))
         self.mean_path_length = state["mean_path_length"].to(self.device)
-        generator_state_to(self.generator, state["generator"])
-        generator_state_to(self.cpu_generator, state["cpu_generator"])
 
     def export(self, folder: str | Path) -> Path:
         """``folder/stylegan2.pt`` (rosinality format): ``g`` = the frozen base, ``g_ema`` = the
