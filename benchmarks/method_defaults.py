@@ -75,6 +75,9 @@ def read_row(uri: str, work: Path, method: str, seed: int, task: str) -> dict:
             "target_rate": m.get("target_rate"), "target_rate_source": m.get("target_rate_source"),
             "truth_separation": m.get("truth_separation"), "target_rate_domain": m.get("target_rate_domain"),
             "fid_domain": m.get("fid_domain"), "intra_dist_domain": m.get("intra_dist_domain"),
+            # self_guided: the share of samples in the requested pseudo-class, at the run's w and per
+            # eval_guidance scale (requested_share_w0 = unguided)
+            **{k: v for k, v in m.items() if k.startswith("requested_share")},
             "grid": str(grid)}
 
 
@@ -105,10 +108,19 @@ def render(result: dict) -> str:
                      f(col("fid_domain")), f(col("intra_dist_domain"))])
     head = ["method", "steps", "seeds", "train s", "periodic eval s (n)", "final eval s", "run s", "periodic share",
             "target_rate", "source floor", "separation", "target_rate_domain", "fid_domain", "intra_dist"]
+    shares = []  # self_guided: where guidance puts the samples, at the run's w and unguided
+    for method, rs in by_method.items():
+        keys = sorted({k for r in rs for k in r if k.startswith("requested_share")})
+        if keys:
+            shares.append(f"{method}: " + ", ".join(f"`{k}` {f([r.get(k) for r in rs], 2)}" for k in keys))
+    extra = ("\n\nShare of samples in the requested pseudo-class at the final evaluation (`requested_share`: "
+             "its samples, at the run's guidance scale w; `requested_share_w<s>`: 64 samples at scale s, "
+             "`_w0` unguided): "
+             + "; ".join(shares) + ".\n") if shares else "\n"
     return (f"# Every method's defaults on {result['task']}\n\n`{result['command']}`\n\n{result['machine']}\n\n"
             + md_table(head, rows) + "\n\nperiodic eval: the step-0 baseline and the schedule's points "
             "(n counts the baseline); run s: the training loop's wall time (build, training, "
-            "evaluations, grids, checkpoints, export); target_rate_domain: built-in targets only.\n")
+            "evaluations, grids, checkpoints, export); target_rate_domain: built-in targets only." + extra)
 
 
 def strip(result: dict, out: Path) -> Path:

@@ -59,15 +59,17 @@ class SamplePlan:
 def _worker_shape(workers: int, cpus_per_worker: float | None, gpus_per_worker: float,
                   address: str | None) -> tuple[float, float]:
     """(CPUs, GPUs) per sampling actor, checked against this machine when Ray is local."""
-    from orchestrator.runtime.raycluster import check_resources, default_cpus_per_worker, local_shape
+    from orchestrator.runtime.launch import default_worker_cpus
+    from orchestrator.runtime.raycluster import check_resources, local_shape
 
     if workers < 1:
         raise InputError(f"--workers {workers}: expected >= 1")
     if gpus_per_worker < 0 or (cpus_per_worker is not None and cpus_per_worker <= 0):
         raise InputError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
     local = not (address or os.environ.get("RAY_ADDRESS"))
-    cpus = cpus_per_worker if cpus_per_worker is not None else default_cpus_per_worker(
-        workers, gpus_per_worker > 0, os.cpu_count() if local else None)
+    # the launcher's one formula; a remote cluster's nodes are not asked here (no node: 1 CPU each)
+    cpus = cpus_per_worker if cpus_per_worker is not None else default_worker_cpus(
+        workers, gpus_per_worker > 0, [float(os.cpu_count() or 1)] if local else [])
     if local:
         check_resources(workers, cpus, gpus_per_worker, local_shape(), what="sampling")
     return cpus, gpus_per_worker
@@ -181,6 +183,7 @@ class EvaluatePlan:
     storage: str
     experiment: str
     address: str | None
+    truth_check: bool = True
 
 
 @dataclass
@@ -218,7 +221,7 @@ def plan_evaluate(target: str, task: str | TaskConfig, *, n: int | None = None,
                   metrics: list[str] | None = None, batch_size: int = 32, workers: int = 1,
                   cpus_per_worker: float | None = None, gpus_per_worker: float = 0.0,
                   tracking_uri: str | None = None, storage: str | None = None,
-                  address: str | None = None) -> EvaluatePlan:
+                  address: str | None = None, truth_check: bool = True) -> EvaluatePlan:
     """Everything about an evaluation that can be checked without Ray (see ``evaluate``)."""
     from orchestrator.records import tracking
     from orchestrator.core.config import RunSettings, load_task
@@ -256,6 +259,8 @@ def plan_evaluate(target: str, task: str | TaskConfig, *, n: int | None = None,
         what, extra = model.short(), {"options": options.model_dump(exclude_none=True), "seed": seed,
                                       "metrics": metrics}
         experiment = model.method or EXTERNAL_EXPERIMENT
+    if not truth_check:  # only then: the names of evaluations with the check stay what they were
+        extra["truth_check"] = False
     name = evaluation_name(what, t, n or 0, extra)
     sample_plan = None
     if model is not None:
@@ -265,7 +270,7 @@ def plan_evaluate(target: str, task: str | TaskConfig, *, n: int | None = None,
                                   gpus_per_worker=gpus_per_worker, tracking_uri=uri, storage=store,
                                   address=address)
     return EvaluatePlan(name, t, model, images, n, sample_plan, metrics, seed, tracking.resolve_tracking_uri(uri),
-                        store, experiment, address)
+                        store, experiment, address, truth_check)
 
 
 def run_evaluate(p: EvaluatePlan, progress: Progress | None = None) -> EvaluationResult:
@@ -316,7 +321,7 @@ def run_evaluate(p: EvaluatePlan, progress: Progress | None = None) -> Evaluatio
 
             samples = load_images(p.images, p.task.resolution, count=p.n, seed=p.seed, cache_dir=data_cache_dir())
         sampled = time.perf_counter() - t0
-        scorer = Scorer.for_task(p.task, p.metrics)
+        scorer = Scorer.for_task(p.task, p.metrics, truth_storage=p.storage if p.truth_check else None)
         metrics = scorer.score(samples, seed=p.seed)
         metrics.update(eval_seconds=time.perf_counter() - t0, sample_seconds=sampled)
         buf = tracking.MetricBuffer(uri, run_id)

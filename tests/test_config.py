@@ -158,7 +158,7 @@ def test_source_cache_key_follows_the_generators_training_only():
 def test_a_run_gets_its_methods_own_budget_unless_it_sets_one():
     from trainers.registry import get_method
 
-    assert resolve("ddpm_finetune", "synthetic:sketch").run.steps == get_method("ddpm_finetune").default_steps == 1000
+    assert resolve("ddpm_finetune", "synthetic:sketch").run.steps == get_method("ddpm_finetune").default_steps == 2000
     assert resolve("gan_finetune", "synthetic:sketch").run.steps == 300
     assert resolve("dual_output", "synthetic:sketch").run.steps == 300  # its mix reaches the target sooner
     assert resolve("ddpm_finetune", "synthetic:sketch", overrides={"run.steps": 40}).run.steps == 40

@@ -160,7 +160,6 @@ def test_checkpoints_load_on_the_cpu_and_rng_states_restore_with_their_own_apis(
     assert torch.equal(torch.rand(3, generator=m2.generator), expected[2])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: saves on CUDA, restores elsewhere")
 def _leaves(state):
     if isinstance(state, dict):
         for v in state.values():
@@ -189,6 +188,7 @@ def test_the_rng_state_is_kept_in_one_place(sources, method):
     assert not in_state
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: saves on CUDA, restores elsewhere")
 @pytest.mark.parametrize("method", ["ddpm_finetune", "gan_finetune", "lfs_gan"])
 def test_cuda_checkpoint_resumes(sources, method, tmp_path):
     from orchestrator.core.rng import capture, load_state, restore

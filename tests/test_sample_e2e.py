@@ -125,7 +125,8 @@ def _write_pngs(folder: Path, images: np.ndarray) -> Path:
 
 def test_evaluate_scores_real_images_near_the_anchor_and_noise_far(tmp_path, monkeypatch):
     """The built-in sketch task (32², the shipped encoder and classifier): its own reference
-    images score like a fresh real draw of the domain; noise scores far from both."""
+    images score like a fresh real draw of the domain; noise scores far from both, and the truth
+    check calls the real images target and the noise not."""
     from orchestrator import api
     from orchestrator.core.config import load_task
     from orchestrator.runs.inputs import check_data
@@ -145,6 +146,10 @@ def test_evaluate_scores_real_images_near_the_anchor_and_noise_far(tmp_path, mon
     assert fid["reference"] <= fid["anchor"] * 1.5 + 1e-3
     assert fid["noise"] > 10 * fid["anchor"]
     assert res["reference"].metrics["target_rate_domain"] > 0.9 and res["noise"].metrics["target_rate_domain"] < 0.1
+    # the task's own truth check (its reference against the shipped source's samples), as for a folder task
+    truth = {k: r.metrics["target_rate"] for k, r in res.items()}
+    assert truth["reference"] > 0.9 and truth["anchor"] > 0.8 and truth["noise"] < 0.1, truth
+    assert res["noise"].metrics["truth_separation"] >= 0.8
     assert res["reference"].metrics["num_samples"] == 200
     again = api.evaluate(str(folders["noise"]), "synthetic:sketch", **kw)
     assert again.already_finished and again.run_id == res["noise"].run_id

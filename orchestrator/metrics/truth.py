@@ -59,15 +59,22 @@ def truth_classifier(cfg: "ResolvedConfig", *, data: ArtifactRef, reference: Art
     if not cfg.run.truth_check or source is None:
         return None
     target = reference if reference is not None else data
-    steps = cfg.run.eval_sample_steps or SOURCE_STEPS
-    key = truth_key(target, source, cfg.task.resolution, steps)
+    return classifier_of(target, source, cfg.task.resolution, cfg.run.eval_sample_steps or SOURCE_STEPS, storage)
+
+
+def classifier_of(target: ArtifactRef, source: ArtifactRef, resolution: int, steps: int,
+                  storage: str) -> ArtifactRef | None:
+    """The truth classifier of ``target`` images against ``source``'s samples (a diffusion source
+    samples with ``steps`` DDIM steps), from the storage's pointer, this node's cache, or trained
+    now; None (with a warning) when it cannot be trained."""
+    key = truth_key(target, source, resolution, steps)
     ref = lookup(storage, key)
     if ref is not None:
         return ref
     local = cache_home() / "truth" / f"{key}.safetensors"
     if not local.is_file():
         try:
-            model = _train(target, source, cfg.task.resolution, steps)
+            model = _train(target, source, resolution, steps)
         except Exception as exc:  # noqa: BLE001 (an auxiliary metric must not stop the run it checks)
             print(f"[orchestrate] warning: no truth check for this run (training its classifier failed: "
                   f"{type(exc).__name__}: {exc}); target_rate is not recorded", flush=True)

@@ -2,8 +2,12 @@
 
 The protocol is the training loop's (``trainers.metrics.evaluate``): FID and KID, intra-cluster
 diversity (samples clustered by their nearest shot), density and coverage against the task's
-reference set, each metric named by its feature network, and ``target_rate_domain`` where the
-task has a domain classifier. What changes is the scale and the source of the images:
+reference set, each metric named by its feature network, ``target_rate_domain`` where the
+task has a domain classifier, and the task's truth check (``target_rate``: the share of images
+that a classifier of the task's reference images against its source model's samples calls
+``target``; orchestrator.metrics.truth), which any task whose source needs no pretraining has (a
+built-in or shipped source, a path; a task whose source is pretrained by the tool has it once that
+source is in this node's cache). What changes is the scale and the source of the images:
 
 * a model (anything ``orchestrate sample`` accepts) is sampled with ``sample``'s distributed path
   into ``<storage>/evaluations/<name>/samples.parquet`` (so a killed evaluation resumes its
@@ -48,9 +52,13 @@ class Scorer:
     classifier: Any = None
     target_domain: str | None = None
     cache: Any = None
+    truth: Any = None  # the task's truth check (a DomainClassifier), when it has one
 
     @classmethod
-    def for_task(cls, task: TaskConfig, metrics: list[str], device: str = "cpu") -> "Scorer":
+    def for_task(cls, task: TaskConfig, metrics: list[str], device: str = "cpu",
+                 truth_storage: str | None = None) -> "Scorer":
+        """``truth_storage``: where the task's truth check is kept (found there by content, else
+        trained and published); None: no truth check."""
         import torch
 
         from orchestrator.runs.inputs import check_data, synthetic_domain
@@ -71,6 +79,8 @@ class Scorer:
             scorer.classifier, scorer.target_domain = DomainClassifier.load(path, device), domain
         scorer._preload(torch.from_numpy(reference).permute(0, 3, 1, 2).contiguous(),
                         torch.from_numpy(shots).permute(0, 3, 1, 2).contiguous(), encoder)
+        if truth_storage is not None:
+            scorer.truth = task_truth(task, reference, truth_storage, device)
         return scorer
 
     def _preload(self, ref, shots, encoder: str | None) -> None:
@@ -106,7 +116,39 @@ class Scorer:
                        kid_subset_size=min(1000, len(t), len(self._ref_t)), cache=self.cache)
         if self.classifier is not None:
             out["target_rate_domain"] = self.classifier.rate(t, self.target_domain)
+        if self.truth is not None:
+            from orchestrator.metrics.truth import truth_metrics
+
+            out["target_rate"] = self.truth.rate(t, "target")
+            out.update(truth_metrics(self.truth.train_info))  # read the rate against its separation
         return out
+
+
+def task_truth(task: TaskConfig, reference: np.ndarray, storage: str, device: str = "cpu") -> Any:
+    """The task's truth check against its source model, or None (said why) when the source would
+    have to be pretrained first or is only a Hub id (this process does not load it)."""
+    from orchestrator.data.artifacts import fetch, publish, publish_array
+    from orchestrator.metrics.truth import SOURCE_STEPS, classifier_of
+    from orchestrator.runs.sources import cached_source_path, is_ready, locate_source
+
+    if task.source.model == "pretrained":
+        path = cached_source_path(task)
+        if not is_ready(task, path):
+            print(f"[orchestrate] no truth check: task {task.name}'s source is pretrained by the tool and not "
+                  "on this node yet (train or pretrain once on this task); target_rate is not recorded", flush=True)
+            return None
+    else:
+        path, _ = locate_source(task)
+        if path is None:
+            print(f"[orchestrate] no truth check: task {task.name}'s source is a Hub id", flush=True)
+            return None
+    ref = classifier_of(publish_array(reference, storage), publish(path, storage), task.resolution, SOURCE_STEPS,
+                       storage)
+    if ref is None:
+        return None
+    from orchestrator.runtime.loop import load_domain_classifier
+
+    return load_domain_classifier(str(fetch(ref)), device)
 
 
 def evaluation_name(what: str, task: TaskConfig, n: int, extra: dict[str, Any]) -> str:

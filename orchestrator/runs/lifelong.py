@@ -168,25 +168,32 @@ def prefix_summary(R: dict[str, np.ndarray], k: int) -> dict[str, float]:
 @dataclass
 class SequenceInputs:
     """What every task of a sequence needs, prepared once by the driver: the shared source and
-    domain encoder, and each task's published shots and reference set."""
+    domain encoder, each task's published shots and reference set, and each task's truth check
+    (``truths[k]``: task k's reference images against the source's samples; None when the run
+    turns it off), so ``target_rate`` is recorded for every task and every earlier one."""
 
     source: ResolvedSource
     encoder: ArtifactRef | None
     tasks: list[tuple[ArtifactRef, ArtifactRef | None]]
     classifier: ArtifactRef | None = None
     domains: list[str | None] | None = None  # each task's built-in synthetic target domain
+    truths: list[ArtifactRef | None] | None = None  # each task's truth classifier
 
     def domain(self, k: int) -> str | None:
         return self.domains[k] if self.domains else None
 
+    def truth(self, k: int) -> ArtifactRef | None:
+        return self.truths[k] if self.truths else None
+
     def inputs(self, k: int, source: ResolvedSource | None = None) -> Inputs:
         data, reference = self.tasks[k]
         return Inputs(source=source or self.source, data=data, reference=reference, domain_encoder=self.encoder,
-                      domain_classifier=self.classifier if self.domain(k) else None, target_domain=self.domain(k))
+                      domain_classifier=self.classifier if self.domain(k) else None, target_domain=self.domain(k),
+                      truth_classifier=self.truth(k))
 
     def eval_tasks(self, upto: int) -> list[EvalTask]:
         return [EvalTask(index=j, task_id=j, shots=self.tasks[j][0], reference=self.tasks[j][1],
-                         target_domain=self.domain(j)) for j in range(upto + 1)]
+                         target_domain=self.domain(j), truth_classifier=self.truth(j)) for j in range(upto + 1)]
 
     def to_static(self) -> dict[str, Any]:
         def dump(r):
@@ -194,20 +201,23 @@ class SequenceInputs:
 
         return {"source": dump(self.source.ref), "hub_id": self.source.hub_id, "encoder": dump(self.encoder),
                 "tasks": [[dump(d), dump(r)] for d, r in self.tasks], "classifier": dump(self.classifier),
-                "domains": self.domains}
+                "domains": self.domains, "truths": [dump(t) for t in self.truths] if self.truths else None}
 
     @classmethod
     def from_static(cls, d: dict[str, Any]) -> "SequenceInputs":
         def load(r):
             return ArtifactRef.model_validate(r) if r else None
 
+        truths = d.get("truths")
         return cls(ResolvedSource(load(d["source"]), d.get("hub_id"), None), load(d["encoder"]),
-                   [(load(a), load(b)) for a, b in d["tasks"]], load(d.get("classifier")), d.get("domains"))
+                   [(load(a), load(b)) for a, b in d["tasks"]], load(d.get("classifier")), d.get("domains"),
+                   [load(t) for t in truths] if truths else None)
 
 
 def prepare_sequence(seq: SequenceConfig, configs: list, *, storage: str, tracking_uri: str | None,
                      lease: bool = True) -> SequenceInputs:
-    """Check and publish every task's data, the shared source and the domain encoder (driver)."""
+    """Check and publish every task's data, the shared source and the domain encoder, and train (or
+    find, by content) each task's truth check against the source (driver)."""
     from orchestrator.data.artifacts import publish_array
     from orchestrator.runs.inputs import check_metric_networks
 
@@ -224,11 +234,16 @@ def prepare_sequence(seq: SequenceConfig, configs: list, *, storage: str, tracki
         encoder = publish(domain_encoder_for(configs[0].task), storage)
     source = resolve_source(configs[0].task, tracking_uri=tracking_uri, storage=storage, lease=lease)
     check_source(configs[0], source.local, source.hub_id)
+    from orchestrator.metrics.truth import truth_classifier
     from orchestrator.runs.inputs import classifier_for
 
     found = [classifier_for(cfg.task, storage) for cfg in configs]
     classifier = next((ref for ref, _ in found if ref is not None), None)
-    return SequenceInputs(source, encoder, tasks, classifier, [d for _, d in found])
+    # every task against the sequence's source domain (the model a task starts from is the previous
+    # task's, but the question the check answers is "the task's domain, or still the source's?")
+    truths = [truth_classifier(cfg, data=data, reference=reference, source=source.ref, storage=storage)
+              for cfg, (data, reference) in zip(configs, tasks)]
+    return SequenceInputs(source, encoder, tasks, classifier, [d for _, d in found], truths)
 
 
 def run_lifelong(seq: SequenceConfig, method: str, *, overrides: dict[str, Any] | None = None,

@@ -57,6 +57,7 @@ class EvalTask(BaseModel):
     shots: ArtifactRef
     reference: ArtifactRef | None = None
     target_domain: str | None = None
+    truth_classifier: ArtifactRef | None = None  # task j's truth check (orchestrator.metrics.truth)
 
 
 class Job(BaseModel):

@@ -139,7 +139,7 @@ def metric_extractors(metrics: tuple[str, ...], encoder: str | None, device: str
     return available_extractors(list(metrics), encoder, device)
 
 
-@lru_cache(maxsize=4)  # the built-in domains' and the task's truth classifier
+@lru_cache(maxsize=16)  # the built-in domains' and the truth checks of a sequence's tasks
 def load_domain_classifier(path: str, device: str):
     """The domain classifier saved at ``path`` on ``device``, loaded once per process and arguments."""
     from trainers.metrics.domain_classifier import DomainClassifier
@@ -162,7 +162,7 @@ class Evaluator:
     def __init__(self, job: Job, shots: torch.Tensor, device: torch.device):
         from trainers.metrics import ReferenceStats
 
-        self.job, self.run = job, job.run
+        self.job, self.run, self.device = job, job.run, device
         encoder = str(fetch(job.domain_encoder)) if job.domain_encoder is not None else None
         self.extractors = metric_extractors(tuple(self.run.metrics), encoder, str(device))
         self.shots = shots.cpu()
@@ -243,6 +243,9 @@ class Evaluator:
                                kid_subset_size=min(1000, n, len(ref)), cache=self.cache)
             if self.classifier is not None and spec.target_domain is not None:
                 metrics["target_rate_domain"] = self.classifier.rate(samples, spec.target_domain)
+            if spec.truth_classifier is not None:  # task j's own truth check
+                truth = load_domain_classifier(str(fetch(spec.truth_classifier)), str(self.device))
+                metrics["target_rate"] = truth.rate(samples, "target")
             out.update({f"r_{k}_task{spec.index}": v for k, v in metrics.items() if not k.startswith("num_")})
         return out
 

@@ -270,16 +270,6 @@ def check_resources(num_workers: int, cpus: float, gpus: float, shapes: list[Nod
         raise ResourceError(f"{asked}, but the cluster can hold {0 if fits == 0 else int(fits)} such worker(s): {have}")
 
 
-def default_cpus_per_worker(workers: int, use_gpu: bool, node_cpus: float | None) -> float:
-    """CPUs per worker when the user did not say: with GPUs the CPU only feeds the device (1);
-    on the CPU a worker computes with as many torch threads as it holds CPUs, so the cores of the
-    largest node (``node_cpus``; None when unknown, e.g. a remote cluster not yet asked) are
-    shared among the workers, at least 1 each."""
-    if use_gpu or not node_cpus:
-        return 1.0
-    return float(max(1, int(node_cpus // max(1, workers))))
-
-
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local instance sized to this
     machine. Returns True when this call started Ray (so the caller shuts it down)."""

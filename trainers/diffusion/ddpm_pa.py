@@ -151,9 +151,10 @@ class DDPMPA(DDPMFinetune):
     family = "diffusion"
     Config = DDPMPAConfig
     # fine-tuning's budget, so that the two compare at one budget. From the shipped source to
-    # `sketch` PA's samples stay at the source even there: target_rate 0.01 after 1,000 steps
-    # (fine-tuning 0.91; benchmarks/results/pa_vs_finetune_1000.md)
-    default_steps = 1000
+    # `sketch` PA's samples stay at the source: target_rate 0.01 after 1,000 steps (fine-tuning
+    # 0.91; benchmarks/results/pa_vs_finetune_1000.md; README "Every method's defaults" for which
+    # term holds them)
+    default_steps = 2000
 
     def __init__(self, config: DDPMPAConfig, source: DiffusionSource, device: torch.device, seed: int = 0,
                  perf: DevicePerf | None = None):
