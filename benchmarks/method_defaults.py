@@ -153,6 +153,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="run seeds (run.seed)")
     ap.add_argument("--set", action="append", default=[], help="an override for every run (KEY=VALUE)")
     ap.add_argument("--report-only", action="store_true", help="re-render the markdown from --out")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="keep the runs' MLflow store and checkpoints in this folder (default: a temporary one, removed)")
     args = ap.parse_args()
     if args.report_only:
         write_markdown(args.out, render(read_result(args.out)))
@@ -162,7 +164,8 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(tmp) if args.keep is None else args.keep
+        work.mkdir(parents=True, exist_ok=True)
         runs = [(method, seed) for method in args.methods.split(",") for seed in args.seeds]
         extra = [a for s in args.set for a in ("--set", s)]
         for method, seed in runs:

@@ -38,6 +38,9 @@ def method(**kw) -> DDPMPA:
     perf = DevicePerf("cpu", precision=kw.pop("precision", "auto"))
     kw.setdefault("ema_decay", 0.0)
     kw.setdefault("batch_size", 5)
+    # every timestep, as the released code: the tests of the terms draw random t; the SNR gate
+    # (default pair_min_snr=1) has its own tests, which ask for it
+    kw.setdefault("pair_min_snr", 0.0)
     return DDPMPA(DDPMPAConfig(**kw), tiny_source(), "cpu", seed=seed, perf=perf)
 
 
@@ -183,24 +186,26 @@ def test_train_steps_run_for_small_batches(batch_size, pair_size):
     assert m.step == 4
 
 
+def fixed_timesteps(m: DDPMPA, values: list[int]) -> None:
+    """Make ``m.noisy`` draw its noise as usual but use the timesteps ``values``."""
+    real = type(m).noisy.__get__(m)
+
+    def fixed(x):
+        x_t, _, eps = real(x)
+        t = torch.tensor(values)
+        abar = m.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return abar.sqrt() * x + (1 - abar).sqrt() * eps, t, eps
+    m.noisy = fixed
+
+
 def test_timestep_range_gates_the_pa_terms():
-    m = method(pair_t_min=500, pair_t_max=1000)
+    m = method(pair_t_min=500, pair_t_max=1000, pair_min_snr=0.0)
     perturb(m.unet)
     x0 = batch(5)
 
     def with_t(values):
-        real = m.noisy
-
-        def fixed(x):
-            x_t, _, eps = real(x)
-            t = torch.tensor(values)
-            abar = m.alphas_cumprod[t].view(-1, 1, 1, 1)
-            return abar.sqrt() * x + (1 - abar).sqrt() * eps, t, eps
-        m.noisy = fixed
-        try:
-            return m.losses(x0)
-        finally:
-            del m.noisy
+        fixed_timesteps(m, values)
+        return m.losses(x0)
 
     out = with_t([10, 600, 700, 800, 900])  # four in range: pairs among them
     assert out["loss_img"] > 0 and out["loss_hf"] > 0 and out["loss_hfmse"] > 0
@@ -208,6 +213,33 @@ def test_timestep_range_gates_the_pa_terms():
     assert out["loss_img"] == 0 and out["loss_hf"] == 0 and out["loss_hfmse"] > 0
     out = with_t([10, 20, 30, 40, 499])  # none in range
     assert out["loss_img"] == 0 and out["loss_hf"] == 0 and out["loss_hfmse"] == 0 and out["loss_simple"] > 0
+
+
+def test_the_default_snr_gate_keeps_the_pa_terms_where_snr_is_at_least_one():
+    """pair_min_snr=1 (the default): the PA terms see exactly the samples with ᾱ_t/(1 − ᾱ_t) ≥ 1,
+    t < 259 on the linear schedule; pair_min_snr=0 is the released code's every timestep."""
+    default = DDPMPAConfig().pair_min_snr
+    m = method(pair_min_snr=default)
+    abar = m.alphas_cumprod.double()
+    snr = abar / (1 - abar)
+    assert snr[258] >= 1 > snr[259] and m.pair_t_range == (0, 259)
+    assert method(pair_min_snr=0.0).pair_t_range == (0, 1000)
+    perturb(m.unet)
+    x0 = batch(5)
+    fixed_timesteps(m, [10, 100, 258, 259, 999])  # three in the gate
+    state = m.generator.get_state()
+    inside = m.losses(x0)
+    assert inside["loss_img"] > 0 and inside["loss_hf"] > 0 and inside["loss_hfmse"] > 0
+    # L_hfmse is the mean over the gated samples alone (the same noise drawn again)
+    m.generator.set_state(state)
+    x_t, t, _ = m.noisy(x0)
+    with torch.no_grad():
+        eps_hat = m.unet(x_t, t).sample
+        expected = m.config.lambda_hfmse * hf_mse(m.predict_x0(x_t[:3], t[:3], eps_hat[:3]), x0[:3])
+    assert torch.allclose(inside["loss_hfmse"].detach(), expected, rtol=1e-4)
+    fixed_timesteps(m, [259, 400, 600, 800, 999])  # none: L_simple only
+    outside = m.losses(x0)
+    assert outside["loss_img"] == outside["loss_hf"] == outside["loss_hfmse"] == 0 and outside["loss_simple"] > 0
 
 
 def test_bad_batch_and_pair_sizes_raise_clear_errors():
@@ -220,7 +252,11 @@ def test_bad_batch_and_pair_sizes_raise_clear_errors():
     with pytest.raises(ValueError, match="pairwise timestep range"):
         method(pair_t_min=600, pair_t_max=300)
     with pytest.raises(ValueError, match="does not overlap"):
-        method(t_max=200, pair_t_min=500)
+        method(t_max=200, pair_t_min=500, pair_min_snr=0.0)
+    with pytest.raises(ValueError, match=r"cut at t < 259 by pair_min_snr=1.0, does not overlap"):
+        method(pair_t_min=300, pair_min_snr=1.0)  # the default SNR gate leaves t < 259
+    with pytest.raises(ValueError, match=r"pair_min_snr=1000000.0: no timestep"):
+        method(pair_min_snr=1e6)
     torch.manual_seed(0)
     learned_var = UNet2DModel(sample_size=16, in_channels=3, out_channels=6, **UNET_PRESETS["tiny"])
     with pytest.raises(ValueError, match="L_vlb"):
@@ -229,7 +265,7 @@ def test_bad_batch_and_pair_sizes_raise_clear_errors():
 
 def test_state_dict_resumes_bit_for_bit():
     images = shots()
-    cfg = DDPMPAConfig(batch_size=5, ema_decay=0.9)
+    cfg = DDPMPAConfig(batch_size=5, ema_decay=0.9, pair_min_snr=0.0)  # every t: the pairwise terms act
     a = DDPMPA(cfg, tiny_source(), "cpu", seed=3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -255,7 +291,7 @@ def test_registry_and_search_space():
     assert get_method("ddpm_pa") is DDPMPA and DDPMPA.family == "diffusion"
     space = DDPMPAConfig.search_space()
     assert {"lr", "lambda_img", "lambda_hf", "lambda_hfmse", "pair_size", "kl_direction",
-            "temperature", "pair_t_max"} <= set(space)
+            "temperature", "pair_t_max", "pair_min_snr"} <= set(space)
     for key, spec in space.items():
         assert key in DDPMPAConfig.model_fields
         (kind, args), = spec.items()
@@ -264,14 +300,16 @@ def test_registry_and_search_space():
             DDPMPAConfig(**{key: v})  # every edge of the space is a valid config
     assert DDPMPAConfig().lambda_img == 4.0 and DDPMPAConfig().lambda_hf == 4.0
     assert DDPMPAConfig().lambda_hfmse == 1.0 and DDPMPAConfig().pair_size == 3
+    assert DDPMPAConfig().pair_min_snr == 1.0  # our one departure from the released defaults
 
 
 def test_each_pa_term_changes_the_gradient_at_the_default_weights():
     """The paper's own knobs are live: at the default lambdas each extra term (L_img, L_hf,
     L_hfmse) adds its own gradient to the UNet's, on top of L_simple's."""
-    m = method()
+    m = method(pair_min_snr=DDPMPAConfig().pair_min_snr)
     perturb(m.unet)  # the pairwise terms are 0 (with no gradient) while the UNet equals the source
     x0 = batch(5)
+    fixed_timesteps(m, [20, 80, 150, 200, 250])  # inside the default SNR gate (t < 259)
     state = m.generator.get_state()
 
     def grad_of(key: str) -> torch.Tensor:

@@ -202,7 +202,8 @@ def test_ddpm_pa_sweep_with_its_default_space_and_objective(ray_local, workspace
     exp = c.get_experiment_by_name("ddpm_pa")
     parent = tracking.find_run(uri, exp.experiment_id, "pa")
     space = {k for k in parent.data.params if k.startswith("space.")}
-    assert {"space.lambda_img", "space.lambda_hf", "space.lambda_hfmse", "space.pair_t_max", "space.lr"} <= space
+    assert {"space.lambda_img", "space.lambda_hf", "space.lambda_hfmse", "space.pair_t_max", "space.pair_min_snr",
+            "space.lr"} <= space
     assert "best_fid_domain" in parent.data.metrics  # the default objective
     best_id = parent.data.tags["orchestrate.best_trial"]
     out = cli("best", "ddpm_pa", "--tracking-uri", "sqlite:///mlflow.db")
