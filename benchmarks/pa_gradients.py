@@ -70,9 +70,10 @@ def render_md(result: dict) -> str:
         f"After {result['warm_steps']} fine-tuning steps from the shipped source; batch of 8 `sketch` shots "
         "at one t; released weights (λ_img 4, λ_hf 4, λ_hfmse 1), the whole batch as the pairwise set.", "",
         md_table(head, rows), "",
-        "The default `pair_min_snr=1` keeps the PA terms at SNR_t ≥ 1 (t < 259), where each is no "
-        "larger than L_simple's; as SNR falls below it they grow by orders of magnitude and, under "
-        "clipping at norm 1, set each step.", ""])
+        "The default `pair_min_snr=1` keeps the PA terms at SNR_t ≥ 1 (t < 259), where each is at most "
+        "about as large as L_simple's (the largest, L_hfmse at the edge of the gate, exceeds it by about a tenth); "
+        "as SNR falls below it they grow by orders of magnitude and, under clipping at norm 1, set each "
+        "step.", ""])
 
 
 def main(argv: list[str] | None = None) -> dict:
