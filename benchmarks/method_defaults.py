@@ -69,12 +69,15 @@ def read_row(uri: str, work: Path, method: str, seed: int, task: str) -> dict:
     periodic = m.get("time_eval_s", 0.0) - final_eval  # the step-0 baseline and the schedule's points
     loop_s = sum(v for k, v in m.items() if k.startswith("time_") and k.endswith("_s"))
     grid = Path(c.download_artifacts(run.info.run_id, "samples/final.png", str(work)))
+    # the truth check at every evaluation (the step-0 baseline has none: its samples are the floor's)
+    history = sorted((h.step, h.value) for h in c.get_metric_history(run.info.run_id, "target_rate"))
     return {"method": method, "seed": seed, "task": task, "steps": steps, "loop_s": loop_s,
             "train_s": m["time_train_s"], "periodic_eval_s": periodic, "periodic_evals": sorted(evals),
             "final_eval_s": final_eval, "periodic_share": periodic / loop_s,
             "target_rate": m.get("target_rate"), "target_rate_source": m.get("target_rate_source"),
             "truth_separation": m.get("truth_separation"), "target_rate_domain": m.get("target_rate_domain"),
             "fid_domain": m.get("fid_domain"), "intra_dist_domain": m.get("intra_dist_domain"),
+            "target_rate_history": [[step, value] for step, value in history],
             # self_guided: the share of samples in the requested pseudo-class, at the run's w and per
             # eval_guidance scale (requested_share_w0 = unguided)
             **{k: v for k, v in m.items() if k.startswith("requested_share")},
@@ -117,6 +120,11 @@ def render(result: dict) -> str:
              "its samples, at the run's guidance scale w; `requested_share_w<s>`: 64 samples at scale s, "
              "`_w0` unguided): "
              + "; ".join(shares) + ".\n") if shares else "\n"
+    histories = [f"{r['method']} seed {r.get('seed', 0)}: " + ", ".join(f"{s} {v:.2f}" for s, v in hist)
+                 for r in result["rows"] if (hist := r.get("target_rate_history"))]
+    if histories:
+        extra += ("\n`target_rate` at each evaluation (step value; 64 samples at the periodic ones, "
+                  "the evaluation of record's at the last step): " + "; ".join(histories) + ".\n")
     return (f"# Every method's defaults on {result['task']}\n\n`{result['command']}`\n\n{result['machine']}\n\n"
             + md_table(head, rows) + "\n\nperiodic eval: the step-0 baseline and the schedule's points "
             "(n counts the baseline); run s: the training loop's wall time (build, training, "

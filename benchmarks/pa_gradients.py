@@ -5,8 +5,8 @@ Why it matters: every PA term is a function of the predicted clean image
 x̃0 = (x_t − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t), so an error of ε̂ reaches it multiplied by
 sqrt(1/ᾱ_t − 1) = 1/sqrt(SNR_t) (158 at t = 999 on the linear schedule). Where that factor is
 large the terms' gradients dwarf L_simple's, and under gradient clipping and Adam those samples
-set the step. This is the evidence behind ``ddpm_pa``'s default ``pair_min_snr=1``
-(trainers/diffusion/ddpm_pa.py).
+set the step. This is the evidence behind ``ddpm_pa``'s SNR gate ``pair_min_snr`` (default 4,
+t < 145; trainers/diffusion/ddpm_pa.py).
 
 Protocol: the shipped 32² DDPM source, ten shots of ``synthetic:sketch``. The pairwise terms are 0
 while the adapted UNet equals the source, so the UNet is first fine-tuned for ``--warm-steps``
@@ -70,7 +70,7 @@ def render_md(result: dict) -> str:
         f"After {result['warm_steps']} fine-tuning steps from the shipped source; batch of 8 `sketch` shots "
         "at one t; released weights (λ_img 4, λ_hf 4, λ_hfmse 1), the whole batch as the pairwise set.", "",
         md_table(head, rows), "",
-        "The default `pair_min_snr=1` keeps the PA terms at SNR_t ≥ 1 (t < 259), where each is at most "
+        "`pair_min_snr=1` keeps the PA terms at SNR_t ≥ 1 (t < 259; the default 4: t < 145), where each is at most "
         "about as large as L_simple's (the largest, L_hfmse at the edge of the gate, exceeds it by about a tenth); "
         "as SNR falls below it they grow by orders of magnitude and, under clipping at norm 1, set each "
         "step.", ""])

@@ -39,7 +39,7 @@ def method(**kw) -> DDPMPA:
     kw.setdefault("ema_decay", 0.0)
     kw.setdefault("batch_size", 5)
     # every timestep, as the released code: the tests of the terms draw random t; the SNR gate
-    # (default pair_min_snr=1) has its own tests, which ask for it
+    # (default pair_min_snr=4) has its own tests, which ask for it
     kw.setdefault("pair_min_snr", 0.0)
     return DDPMPA(DDPMPAConfig(**kw), tiny_source(), "cpu", seed=seed, perf=perf)
 
@@ -215,18 +215,20 @@ def test_timestep_range_gates_the_pa_terms():
     assert out["loss_img"] == 0 and out["loss_hf"] == 0 and out["loss_hfmse"] == 0 and out["loss_simple"] > 0
 
 
-def test_the_default_snr_gate_keeps_the_pa_terms_where_snr_is_at_least_one():
-    """pair_min_snr=1 (the default): the PA terms see exactly the samples with ᾱ_t/(1 − ᾱ_t) ≥ 1,
-    t < 259 on the linear schedule; pair_min_snr=0 is the released code's every timestep."""
+def test_the_default_snr_gate_keeps_the_pa_terms_where_snr_is_at_least_four():
+    """pair_min_snr=4 (the default): the PA terms see exactly the samples with ᾱ_t/(1 − ᾱ_t) ≥ 4,
+    t < 145 on the linear schedule (1: t < 259); pair_min_snr=0 is the released code's every
+    timestep."""
     default = DDPMPAConfig().pair_min_snr
     m = method(pair_min_snr=default)
     abar = m.alphas_cumprod.double()
     snr = abar / (1 - abar)
-    assert snr[258] >= 1 > snr[259] and m.pair_t_range == (0, 259)
+    assert default == 4.0 and snr[144] >= 4 > snr[145] and m.pair_t_range == (0, 145)
+    assert snr[258] >= 1 > snr[259] and method(pair_min_snr=1.0).pair_t_range == (0, 259)
     assert method(pair_min_snr=0.0).pair_t_range == (0, 1000)
     perturb(m.unet)
     x0 = batch(5)
-    fixed_timesteps(m, [10, 100, 258, 259, 999])  # three in the gate
+    fixed_timesteps(m, [10, 100, 144, 145, 999])  # three in the gate
     state = m.generator.get_state()
     inside = m.losses(x0)
     assert inside["loss_img"] > 0 and inside["loss_hf"] > 0 and inside["loss_hfmse"] > 0
@@ -237,7 +239,7 @@ def test_the_default_snr_gate_keeps_the_pa_terms_where_snr_is_at_least_one():
         eps_hat = m.unet(x_t, t).sample
         expected = m.config.lambda_hfmse * hf_mse(m.predict_x0(x_t[:3], t[:3], eps_hat[:3]), x0[:3])
     assert torch.allclose(inside["loss_hfmse"].detach(), expected, rtol=1e-4)
-    fixed_timesteps(m, [259, 400, 600, 800, 999])  # none: L_simple only
+    fixed_timesteps(m, [145, 258, 600, 800, 999])  # none: L_simple only
     outside = m.losses(x0)
     assert outside["loss_img"] == outside["loss_hf"] == outside["loss_hfmse"] == 0 and outside["loss_simple"] > 0
 
@@ -254,7 +256,9 @@ def test_bad_batch_and_pair_sizes_raise_clear_errors():
     with pytest.raises(ValueError, match="does not overlap"):
         method(t_max=200, pair_t_min=500, pair_min_snr=0.0)
     with pytest.raises(ValueError, match=r"cut at t < 259 by pair_min_snr=1.0, does not overlap"):
-        method(pair_t_min=300, pair_min_snr=1.0)  # the default SNR gate leaves t < 259
+        method(pair_t_min=300, pair_min_snr=1.0)  # SNR >= 1 leaves t < 259
+    with pytest.raises(ValueError, match=r"cut at t < 145 by pair_min_snr=4.0, does not overlap"):
+        method(pair_t_min=200, pair_min_snr=DDPMPAConfig().pair_min_snr)  # the default leaves t < 145
     with pytest.raises(ValueError, match=r"pair_min_snr=1000000.0: no timestep"):
         method(pair_min_snr=1e6)
     torch.manual_seed(0)
@@ -300,7 +304,8 @@ def test_registry_and_search_space():
             DDPMPAConfig(**{key: v})  # every edge of the space is a valid config
     assert DDPMPAConfig().lambda_img == 4.0 and DDPMPAConfig().lambda_hf == 4.0
     assert DDPMPAConfig().lambda_hfmse == 1.0 and DDPMPAConfig().pair_size == 3
-    assert DDPMPAConfig().pair_min_snr == 1.0  # our one departure from the released defaults
+    assert DDPMPAConfig().pair_min_snr == 4.0  # our one departure from the released defaults
+    assert DDPMPA.default_steps == 3000  # the glyph folder task's budget (module docstring)
 
 
 def test_each_pa_term_changes_the_gradient_at_the_default_weights():
@@ -309,7 +314,7 @@ def test_each_pa_term_changes_the_gradient_at_the_default_weights():
     m = method(pair_min_snr=DDPMPAConfig().pair_min_snr)
     perturb(m.unet)  # the pairwise terms are 0 (with no gradient) while the UNet equals the source
     x0 = batch(5)
-    fixed_timesteps(m, [20, 80, 150, 200, 250])  # inside the default SNR gate (t < 259)
+    fixed_timesteps(m, [20, 50, 80, 110, 140])  # inside the default SNR gate (t < 145)
     state = m.generator.get_state()
 
     def grad_of(key: str) -> torch.Tensor:
